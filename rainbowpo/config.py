@@ -1,0 +1,376 @@
+"""The one typed config tree: YAML file + dotted overrides, validated before anything heavy starts.
+
+    cfg = load_config("configs/rainbowpo.yaml", ["objective.beta=5", "train.lr=1e-6"])
+
+Frozen dataclasses grouped by concern; every field has its default and docstring here and nowhere
+else; validation lives in `__post_init__`; derived numbers are methods. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config mistake: the message names the key and says what to do."""
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model folder (or hub name) of the policy."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (written into the DeepSpeed config)."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager", "packed_sdpa", "packed_mask"] = "auto"
+    """auto: flash-attention 2 when CUDA and flash_attn are present, per-segment sdpa otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward (less activation memory, ~30 % slower)."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the model folder. Off unless you trust the folder."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "model.path", "is required (a Hugging Face model folder)", self.path)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: str = ""
+    """Local jsonl/json/parquet/csv file, a `datasets.save_to_disk` folder, or a hub dataset name."""
+    split: str = "train"
+    """Split to read (hub datasets and save_to_disk DatasetDicts)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping {our_name: their_name}, e.g. {prompt: question, chosen: good}."""
+    weight: float = 1.0
+    """Mixing weight: rows drawn ∝ weight (1.0 = take the source once)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data source path", "is required", self.path)
+        _require(self.weight > 0, "data source weight", "must be > 0", self.weight)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    """Training sources (at least one)."""
+    eval: list[SourceConfig] = field(default_factory=list)
+    """Evaluation sources (optional)."""
+    format: Literal["auto", "standard", "conversational", "implicit", "sft"] = "auto"
+    """Row format; auto-detected from the columns unless forced."""
+    max_length: int = 1024
+    """Max tokens of prompt + response (per sequence)."""
+    max_prompt_length: int = 512
+    """Max prompt tokens; longer prompts are cut from their start (the end is kept)."""
+    truncation_keep_eos: bool = False
+    """When a response is cut, end it with EOS anyway (default: the cut response has no EOS)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Bad rows raise a ValueError naming source and row, or are skipped and counted."""
+    packing: bool = True
+    """Pack sequences into one row (attention kept inside each sequence) instead of padding."""
+    share_prompt: bool = False
+    """Pack [prompt, chosen, rejected] computing the prompt once per pair (exact; needs packing)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.train) > 0, "data.train", "needs at least one source", self.train)
+        _require(self.max_length > 1, "data.max_length", "must be > 1", self.max_length)
+        _require(
+            0 < self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            "must be in (0, data.max_length)",
+            self.max_prompt_length,
+        )
+        _require(not self.share_prompt or self.packing, "data.share_prompt", "needs data.packing: true", True)
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    """`preset` plus any field of rainbowpo.objective.ObjectiveConfig (None = the preset's value)."""
+
+    preset: str = "dpo"
+    beta: float | None = None
+    link: str | None = None
+    length_norm: bool | None = None
+    mix_alpha: float | None = None
+    mix_gamma: float | None = None
+    margin: float | None = None
+    contextual_scaling: bool | None = None
+    dispersion: float | None = None
+    sft_weight: float | None = None
+    label_smoothing: float | None = None
+
+    def build(self):
+        """The validated `ObjectiveConfig` (imports torch)."""
+        from rainbowpo.objective import ObjectiveConfig
+
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+        return ObjectiveConfig.from_preset(self.preset, **overrides)
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    mode: Literal["auto", "online", "cached", "none"] = "auto"
+    """online: a second DeepSpeed engine; cached: precomputed once; none: reference-free; auto: derived."""
+    path: str = ""
+    """Reference model folder (default: model.path)."""
+    offload: bool = False
+    """Online mode: ZeRO-3 inference engine with parameters offloaded to CPU."""
+    cache_dir: str = ""
+    """Cached mode: where reference log-probs live (default: <output.dir>/../ref_cache)."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    mode: Literal["preference", "sft"] = "preference"
+    """preference: the RainbowPO objective; sft: NLL on completions (no reference)."""
+    global_batch_pairs: int = 64
+    """Pairs (SFT: examples) per optimizer step, over all ranks and accumulation steps."""
+    micro_batch_pairs: int = 1
+    """Pairs per forward on one rank; accumulation = global / (world × micro)."""
+    micro_batch_tokens: int = 0
+    """If > 0: balance micro-batches by tokens (≤ this many each); accumulation derived from the data."""
+    lr: float = 5e-7
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    epochs: int = 1
+    max_steps: int = 0
+    """If > 0: stop after this many optimizer steps (overrides epochs)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    seed: int = 42
+    on_nan: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss or gradient: stop (naming step, rows, last good checkpoint) or skip the step."""
+    eval_every: int = 0
+    """Evaluate on data.eval every N steps (0 = only at the end)."""
+    logprob_chunk: int = 1024
+    """Response positions per LM-head chunk (memory vs. speed)."""
+
+    def __post_init__(self) -> None:
+        for key in ("global_batch_pairs", "micro_batch_pairs", "epochs", "logprob_chunk"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "must be >= 1", getattr(self, key))
+        _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
+        _require(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens)
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation steps for pair-count micro-batches: global / (world × micro), must divide."""
+        per_step = world_size * self.micro_batch_pairs
+        if self.global_batch_pairs % per_step:
+            raise ConfigError(
+                f"train.global_batch_pairs={self.global_batch_pairs} is not divisible by world size {world_size} "
+                f"× train.micro_batch_pairs={self.micro_batch_pairs}; pick a multiple of {per_step}"
+            )
+        return self.global_batch_pairs // per_step
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    config: str = "zero3"
+    """A preset name from ds_configs/ (zero0, zero2, zero3, zero3_offload) or a path to a JSON file."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/default"
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint; never; or a checkpoint path."""
+    export: bool = True
+    """Write a Hugging Face model folder to <dir>/final at the end."""
+
+    def __post_init__(self) -> None:
+        _require(self.keep_last >= 1, "output.keep_last", "must be >= 1", self.keep_last)
+        _require(self.save_every >= 0, "output.save_every", "must be >= 0", self.save_every)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 1
+    """Write a metrics.jsonl record every N optimizer steps."""
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "rainbowpo"
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.mode == "preference":
+            objective = self.objective.build()
+            if self.reference.mode == "none" and objective.needs_reference:
+                need = "objective.mix_alpha > 0" if objective.mix_alpha > 0 else "objective.contextual_scaling"
+                raise ConfigError(
+                    f"reference.mode: none, but {need} needs a reference model; "
+                    "set reference.mode to online or cached (or mix_alpha: 0 and contextual_scaling: false)"
+                )
+        if self.data.share_prompt and self.train.mode == "sft":
+            raise ConfigError("data.share_prompt: only for preference pairs, not train.mode: sft")
+
+    def reference_mode(self) -> str:
+        """online | cached | none, with `auto` resolved from what the objective needs."""
+        if self.train.mode == "sft":
+            return "none"
+        if self.reference.mode == "auto":
+            return "online" if self.objective.build().needs_reference else "none"
+        return self.reference.mode
+
+    def reference_path(self) -> str:
+        return self.reference.path or self.model.path
+
+    def reference_cache_dir(self) -> str:
+        return self.reference.cache_dir or os.path.join(os.path.dirname(self.output.dir.rstrip("/")) or ".", "ref_cache")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (optional), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Config, raw, "")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. objective.beta=5")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping: unknown keys get a "did you mean", every value is type-checked."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required section is missing
+        missing = [n for n in names if n not in raw and _is_required(cls, n)]
+        raise ConfigError(f"{where}: missing required key(s) {missing}") from exc
+
+
+def _is_required(cls: type, name: str) -> bool:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is SourceConfig and isinstance(value, str):  # a source may be written as just its path
+        value = {"path": value}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]  # one source may be written without a list
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
