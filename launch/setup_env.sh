@@ -28,13 +28,21 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[setup] creating virtual environment at $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# pip, minus the noise of this machine's local-index warnings; pip's own exit status is kept.
+pip_install() {
+  set +e
+  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip --disable-pip-version-check install -q "$@" 2>&1 \
+    | grep -v "^WARNING: Location '.*' is ignored"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  if [[ $rc -ne 0 ]]; then echo "[setup] pip install $* failed (exit $rc)" >&2; exit "$rc"; fi
+}
 echo "[setup] installing $TORCH_SPEC first (CPU wheel; keeps a CUDA build out)"
-"${PIP[@]}" install -q "$TORCH_SPEC"
+pip_install "$TORCH_SPEC"
 echo "[setup] installing runtime + dev requirements (DS_BUILD_OPS=0)"
-DS_BUILD_OPS=0 "${PIP[@]}" install -q -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+pip_install -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
 echo "[setup] installing rainbowpo (editable)"
-"${PIP[@]}" install -q --no-deps -e "$ROOT"
+pip_install --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'PY'
 import deepspeed, torch, transformers
 print(f"[setup] torch {torch.__version__}  deepspeed {deepspeed.__version__}  transformers {transformers.__version__}")

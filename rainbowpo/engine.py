@@ -1,0 +1,328 @@
+"""DeepSpeed, in one place: distributed init, ds-config assembly, policy + reference engines, checkpoints, export.
+
+This is the only module of the project that imports deepspeed (a test reads the sources to keep it so).
+
+    dist = init_distributed()
+    policy = PolicyEngine.build(cfg, dist, total_steps, attn_implementation="packed_sdpa")
+    logp, _ = policy.forward(batch); policy.backward(loss); policy.step()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from rainbowpo.config import Config, ConfigError, TrainSection
+from rainbowpo.logprobs import SequenceScorer
+
+DS_PRESETS = Path(__file__).resolve().parent.parent / "ds_configs"
+MANAGED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group (gloo on CPU, nccl on GPU); a lone `python -m` run becomes a world of 1."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- ds config
+
+
+def load_ds_preset(name_or_path: str) -> dict:
+    """A ds_configs/ preset by name (zero3, zero3_offload, …) or a JSON path; `_comment` keys dropped."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DS_PRESETS / f"{name_or_path}.json"
+    if not path.is_file():
+        presets = sorted(p.stem for p in DS_PRESETS.glob("*.json"))
+        raise ConfigError(f"deepspeed.config: {name_or_path!r} is neither a preset {presets} nor a JSON file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({exc})") from None
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def assemble_ds_config(
+    preset: dict, train: TrainSection, dtype: str, world_size: int, grad_accum: int
+) -> dict:
+    """Preset ZeRO knobs + the numbers the training config owns; `auto` or a disagreeing value is an error."""
+    micro = train.micro_batch_pairs
+    owned = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro * grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    _reject_auto(preset)
+    for key in MANAGED_KEYS:
+        if key in preset and key in owned and preset[key] != owned[key]:
+            raise ConfigError(
+                f"deepspeed.config sets {key}={preset[key]!r} but the training config gives {owned[key]!r}; "
+                "remove it from the DeepSpeed JSON (batch sizes, precision and clipping come from train.*/model.*)"
+            )
+        if key in ("optimizer", "scheduler") and key in preset:
+            raise ConfigError(
+                f"deepspeed.config: remove {key!r}; the optimizer and schedule come from train.*"
+            )
+    zero = dict(preset.get("zero_optimization", {}))
+    if zero.get("stage", 0) == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    config = {
+        **preset,
+        **owned,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if "offload_optimizer" in zero:
+        config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW on CPU: correct, if slower than CPUAdam
+    return config
+
+
+def _reject_auto(node, path: str = "") -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_auto(v, f"{path}.{k}" if path else k)
+    elif node == "auto":
+        raise ConfigError(
+            f"deepspeed.config: {path} is 'auto'; write a number (the trainer fills batch/precision)"
+        )
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_causal_lm(path: str, cfg: Config, ds_config: dict, attn_implementation: str):
+    """from_pretrained under ZeRO-3 partitioned init when the ds-config says stage 3 (HfDeepSpeedConfig)."""
+    hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built and trained
+    if not os.path.exists(path) and not cfg.model.trust_remote_code and "/" not in path:
+        raise ConfigError(f"model path not found: {path!r} (a local Hugging Face folder or a hub name)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=TORCH_DTYPES[cfg.model.dtype],
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot load model from {path!r}: {str(exc).splitlines()[0]}") from None
+    model.config.use_cache = False
+    return model, hf_ds
+
+
+def _lr_lambda(train: TrainSection, total_steps: int):
+    warmup = int(math.ceil(train.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if train.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if train.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class PolicyEngine:
+    """The trained model: a DeepSpeed engine around SequenceScorer(policy)."""
+
+    def __init__(self, engine, hf_ds, ds_config: dict):
+        self.engine, self._hf_ds, self.ds_config = engine, hf_ds, ds_config
+
+    @classmethod
+    def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, total_steps: int, attn_implementation: str):
+        ds_config = assemble_ds_config(
+            load_ds_preset(cfg.deepspeed.config), cfg.train, cfg.model.dtype, dist.world_size, grad_accum
+        )
+        model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        scorer = SequenceScorer(model, chunk_size=cfg.train.logprob_chunk)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            scorer.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
+        )
+
+        def schedule(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t, total_steps))
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=scorer,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=ds_config,
+            dist_init_required=False,
+        )
+        return cls(engine, hf_ds, ds_config)
+
+    @property
+    def scorer(self) -> SequenceScorer:
+        return self.engine.module
+
+    def forward(self, batch, with_entropy: bool = False):
+        self.engine.train()
+        return self.engine(batch, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def evaluate(self, batch, with_entropy: bool = False):
+        self.engine.eval()
+        out = self.engine(batch, with_entropy=with_entropy)
+        self.engine.train()
+        return out
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is already scaled by this micro-batch's share of the step (SPEC §1.9): no GAS rescale."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def partitioned_numel(self) -> int:
+        return partitioned_numel(self.engine.module)
+
+    # --------------------------------------------------------------- checkpoints and export
+
+    def save(self, root: str, tag: str) -> None:
+        """All ranks: DeepSpeed shards into root/tag (no `latest` file: completion is marked by the caller)."""
+        self.engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+
+    def load(self, root: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(root, tag=tag)
+        if path is None:
+            raise RuntimeError(
+                f"checkpoint {os.path.join(root, tag)} could not be loaded (corrupt or incomplete)"
+            )
+
+    def full_state_dict(self) -> dict | None:
+        """The HF model's full weights on rank 0 (ZeRO-3: gathered 16-bit/fp32 shards); None elsewhere."""
+        if zero_stage(self.ds_config) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+        if state is None:
+            return None
+        prefix = "model."
+        return {k[len(prefix) :] if k.startswith(prefix) else k: v.detach().cpu() for k, v in state.items()}
+
+
+def partitioned_numel(module: torch.nn.Module) -> int:
+    """Parameter elements this rank holds (ZeRO-3 partitions `ds_tensor`; otherwise the full tensors)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+class ReferenceEngine:
+    """Frozen reference: a DeepSpeed inference engine (ZeRO-3, optional CPU param offload), no optimizer."""
+
+    def __init__(self, engine, hf_ds):
+        self.engine, self._hf_ds = engine, hf_ds
+        self.engine.eval()
+
+    @classmethod
+    def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, attn_implementation: str):
+        preset = load_ds_preset("ref_zero3_offload" if cfg.reference.offload else "zero3")
+        ds_config = assemble_ds_config(preset, cfg.train, cfg.model.dtype, dist.world_size, grad_accum)
+        ds_config.pop("zero_force_ds_cpu_optimizer", None)
+        model, hf_ds = load_causal_lm(cfg.reference_path(), cfg, ds_config, attn_implementation)
+        model.requires_grad_(False)
+        scorer = SequenceScorer(model, chunk_size=cfg.train.logprob_chunk)
+        engine, _, _, _ = deepspeed.initialize(model=scorer, config=ds_config, dist_init_required=False)
+        return cls(engine, hf_ds)
+
+    @torch.no_grad()
+    def forward(self, batch, with_entropy: bool):
+        return self.engine(batch, with_entropy=with_entropy)
+
+    def partitioned_numel(self) -> int:
+        return partitioned_numel(self.engine.module)
+
+    def release(self) -> None:
+        """Free the reference weights (cached mode, after the pass)."""
+        self.engine.destroy()
+        self.engine = None

@@ -1,0 +1,382 @@
+"""Train a policy with the RainbowPO objective (or SFT) — the one loop, read top to bottom.
+
+    python -m rainbowpo.train configs/rainbowpo.yaml model.path=/models/llama3-8b-sft data.train=pairs.jsonl
+    deepspeed --num_gpus 8 --module rainbowpo.train configs/paper/rainbowpo_llama3_8b.yaml
+    deepspeed --num_accelerators 2 --module rainbowpo.train configs/tiny/rainbowpo_tiny.yaml   # CPU, gloo
+
+Per optimizer step: for each micro-batch of this rank → policy log-probs → reference log-probs
+(online | cached | none) → preference_loss → backward of (Σ pair losses) · world / pairs-in-step, so the
+step's gradient is the mean over all its pairs however they are split (SPEC §1.9) → step → metrics
+reduced once → maybe eval / checkpoint. The loop runs total_steps + 1 times so the last eval and save
+happen before `if last_step: break`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from rainbowpo import checkpoint as ckpt
+from rainbowpo import engine as ds
+from rainbowpo.attention import select_attention
+from rainbowpo.config import Config, ConfigError, load_config
+from rainbowpo.data.collate import collate
+from rainbowpo.data.sampler import StepPlanner, token_budget_grad_accum
+from rainbowpo.data.tokenize import load_examples
+from rainbowpo.logprobs import vocab_size
+from rainbowpo.metrics import MetricsLogger, Throughput
+from rainbowpo.objective import preference_loss
+from rainbowpo.reference import build_reference
+
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "phi/mean",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: Config
+    dist: ds.DistInfo
+    tokenizer: object
+    train_set: list
+    eval_set: list
+    planner: StepPlanner
+    grad_accum: int
+    total_steps: int
+    policy: ds.PolicyEngine
+    reference: object
+    objective: object
+    vocab: int
+    logger: MetricsLogger | None = None
+    state: dict = field(default_factory=lambda: {"step": 0})
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG.yaml key=value ...`; the deepspeed launcher's `--local_rank=N` is accepted and ignored."""
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    if "--local_rank" in argv:  # `--local_rank N` form
+        i = argv.index("--local_rank")
+        args = [a for k, a in enumerate(argv) if k not in (i, i + 1)]
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    config = args[0] if args and "=" not in args[0] else None
+    return config, args[1:] if config else args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ValueError as exc:
+        sys.exit(f"config error: {exc}")
+    train(cfg)
+
+
+def train(cfg: Config) -> dict:
+    run = setup(cfg)
+    try:
+        return loop(run)
+    finally:
+        if run.logger:
+            run.logger.close()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(cfg: Config) -> Run:
+    dist = ds.init_distributed()
+    seed_everything(cfg.train.seed)
+    torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
+    tokenizer = load_tokenizer(cfg)
+    mode = cfg.train.mode
+    train_set, summary = load_examples(cfg.data, cfg.data.train, tokenizer, mode, cfg.train.seed)
+    eval_set = (
+        load_examples(cfg.data, cfg.data.eval, tokenizer, mode, cfg.train.seed)[0] if cfg.data.eval else []
+    )
+    lengths = [ex.num_tokens for ex in train_set]
+    grad_accum = _grad_accum(cfg, dist, lengths)
+    planner = StepPlanner(
+        lengths,
+        cfg.train.global_batch_pairs,
+        dist.world_size,
+        grad_accum,
+        cfg.train.seed,
+        cfg.train.micro_batch_tokens,
+    )
+    total_steps = planner.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    attn = select_attention(cfg.model.attn_implementation if cfg.data.packing else "sdpa")
+    objective = cfg.objective.build() if mode == "preference" else None
+    policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)
+    reference = build_reference(
+        cfg,
+        dist,
+        bool(objective and objective.needs_entropy),
+        train_set,
+        lambda exs: make_batch(cfg, tokenizer, exs),
+        grad_accum,
+        attn,
+    )
+    run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
+              objective, vocab_size(policy.scorer.model))  # fmt: skip
+    if dist.is_main:
+        print_header(run, summary, attn)
+    return run
+
+
+def _grad_accum(cfg: Config, dist: ds.DistInfo, lengths: list[int]) -> int:
+    if cfg.train.micro_batch_tokens:
+        return token_budget_grad_accum(
+            lengths,
+            cfg.train.global_batch_pairs,
+            dist.world_size,
+            cfg.train.micro_batch_tokens,
+            cfg.train.seed,
+        )
+    return cfg.train.grad_accum(dist.world_size)
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model.path: cannot load a tokenizer from {cfg.model.path!r} ({exc})") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(
+            f"model.path: the tokenizer of {cfg.model.path} has no EOS token; set eos_token in it"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_batch(cfg: Config, tokenizer, examples: list):
+    return collate(
+        examples, packing=cfg.data.packing, share_prompt=cfg.data.share_prompt, pad_id=tokenizer.pad_token_id
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print_header(run: Run, summary, attn: str) -> None:
+    cfg, dist = run.cfg, run.dist
+    os.makedirs(cfg.output.dir, exist_ok=True)
+    with open(os.path.join(cfg.output.dir, "config.yaml"), "w") as f:
+        f.write(cfg.to_yaml())
+    tokens = sum(ex.num_tokens for ex in run.train_set)
+    print("=" * 80, "\n" + cfg.to_yaml(), "=" * 80, sep="")
+    print(summary.format())
+    print(
+        f"world size {dist.world_size} | micro batch {cfg.train.micro_batch_pairs} pairs"
+        f"{f' (≤ {cfg.train.micro_batch_tokens} tokens)' if cfg.train.micro_batch_tokens else ''}"
+        f" | accumulation {run.grad_accum} | global batch {cfg.train.global_batch_pairs} pairs"
+        f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
+        f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def loop(run: Run) -> dict:
+    cfg, dist = run.cfg, run.dist
+    root = os.path.join(cfg.output.dir, "checkpoints")
+    resume_from = ckpt.resolve_resume(cfg.output.resume, root)
+    if resume_from:
+        restore(run, resume_from)
+    run.logger = MetricsLogger(cfg.logging, cfg.output.dir, dist.is_main, run.total_steps, run.state["step"])
+    if run.state["step"] == 0:
+        verify_settings(run)
+    last_record: dict = {}
+    while True:
+        step = run.state["step"]
+        last_step = step == run.total_steps
+        if run.eval_set and (
+            last_step or (cfg.train.eval_every and step and step % cfg.train.eval_every == 0)
+        ):
+            run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
+        if step and (last_step or (cfg.output.save_every and step % cfg.output.save_every == 0)):
+            save(run, root)
+        if last_step:
+            break
+        last_record = train_step(run, step)
+        run.state["step"] = step + 1
+        run.logger.log(last_record)
+        run.logger.progress(last_record)
+    if cfg.output.export:
+        export(run, os.path.join(cfg.output.dir, "final"))
+    return last_record
+
+
+def train_step(run: Run, step: int) -> dict:
+    epoch, index = divmod(step, run.planner.steps_per_epoch)
+    micro_batches = run.planner.micro_batches(epoch, index, run.dist.rank)
+    step_pairs = run.planner.pairs_in_step(epoch, index)
+    sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
+    clock = Throughput()
+    for indices in micro_batches:
+        batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in indices]).to(run.dist.device)
+        losses, metrics = compute_losses(run, batch, train=True)
+        run.policy.backward(losses.sum() * (run.dist.world_size / step_pairs))
+        sums += torch.cat([metrics, torch.tensor([float(batch.num_tokens)], dtype=torch.float64)])
+    ds.all_reduce_sum(sums)
+    if not torch.isfinite(sums[0]):
+        raise_non_finite(run, step, micro_batches)
+    run.policy.step()
+    record = dict(zip(METRIC_KEYS, (sums[:-1] / step_pairs).tolist()))
+    record.update(
+        lr=run.policy.lr(), grad_norm=run.policy.grad_norm(), tokens_per_second=clock.rate(float(sums[-1]))
+    )
+    return {**record, "epoch": _epoch(run, step + 1), "step": step + 1}
+
+
+def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair (SFT: per-example) losses [B] and the summed metric vector of METRIC_KEYS (detached, fp64)."""
+    forward = run.policy.forward if train else run.policy.evaluate
+    logp, _ = forward(batch)
+    n = batch.seq_tokens.to(logp.dtype)
+    if run.objective is None:  # SFT: token-mean NLL per example, mean over examples
+        losses = -logp / n
+        metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        metrics[0], metrics[5] = losses.detach().sum(), logp.detach().sum()
+        return losses, metrics
+    ref_logp, ref_entropy = run.reference.stats(batch)
+    out = preference_loss(
+        run.objective,
+        logp[0::2],
+        logp[1::2],
+        n[0::2],
+        n[1::2],
+        ref_chosen=None if ref_logp is None else ref_logp[0::2],
+        ref_rejected=None if ref_logp is None else ref_logp[1::2],
+        ref_chosen_entropy=None if ref_entropy is None else ref_entropy[0::2],
+        ref_rejected_entropy=None if ref_entropy is None else ref_entropy[1::2],
+        vocab_size=run.vocab,
+    )
+    margins = out.chosen_rewards - out.rejected_rewards
+    values = [out.losses.detach(), out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).to(margins.dtype),
+              logp[0::2].detach(), logp[1::2].detach(), out.phi]  # fmt: skip
+    return out.losses, torch.stack([v.double().sum() for v in values]).cpu()
+
+
+@torch.no_grad()
+def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
+    """Metrics on `examples`, sharded over ranks; every rank runs the same number of forwards (ZeRO-3)."""
+    micro, world = run.cfg.train.micro_batch_pairs, run.dist.world_size
+    chunks = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)][:limit]
+    mine = chunks[run.dist.rank :: world]
+    n_forwards = (len(chunks) + world - 1) // world
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    for i in range(n_forwards):
+        chunk = mine[i] if i < len(mine) else chunks[0]  # a repeat keeps collectives in step; not counted
+        batch = make_batch(run.cfg, run.tokenizer, [examples[j] for j in chunk]).to(run.dist.device)
+        _, metrics = compute_losses(run, batch, train=False)
+        if i < len(mine):
+            sums += metrics
+    ds.all_reduce_sum(sums)
+    count = sum(len(c) for c in chunks)
+    return dict(zip(METRIC_KEYS, (sums / max(1, count)).tolist()))
+
+
+def verify_settings(run: Run) -> None:
+    """A 2-micro-batch eval before the first step: a broken setting fails in seconds, not hours."""
+    metrics = evaluate(run, run.train_set, limit=2 * run.dist.world_size)
+    if run.dist.is_main:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
+        print(f"verifying settings on 2 micro-batches per rank: {shown}")
+    if not torch.isfinite(torch.tensor(metrics["loss"])):
+        raise NonFiniteLossError(
+            f"the loss is {metrics['loss']} before any step: check model.dtype and the data"
+        )
+
+
+def raise_non_finite(run: Run, step: int, micro_batches: list) -> None:
+    rows = sorted(r for part in ds.all_gather_objects(
+        [run.train_set[i].row_id for mb in micro_batches for i in mb]) for r in part)  # fmt: skip
+    last = ckpt.complete_checkpoints(os.path.join(run.cfg.output.dir, "checkpoints"))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step + 1} (rows {rows[:32]}{' …' if len(rows) > 32 else ''}); "
+        f"no step was taken and nothing saved. Last good checkpoint: {last[-1] if last else 'none'}"
+    )
+
+
+def _epoch(run: Run, step: int) -> float:
+    return step / run.planner.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save(run: Run, root: str) -> None:
+    step = run.state["step"]
+    final = os.path.join(root, ckpt.step_tag(step))
+    if os.path.isdir(final):
+        return
+    tmp_tag = ".tmp-" + ckpt.step_tag(step)
+    if run.dist.is_main:
+        os.makedirs(root, exist_ok=True)
+        ckpt.remove_tree(os.path.join(root, tmp_tag))
+    ds.barrier()
+    run.policy.save(root, tmp_tag)
+    ckpt.write_rank_state(os.path.join(root, tmp_tag), run.dist.rank)
+    ds.barrier()
+    if run.dist.is_main:
+        state = {**run.state, "world_size": run.dist.world_size, "total_steps": run.total_steps}
+        ckpt.finalize(os.path.join(root, tmp_tag), final, state)
+        ckpt.prune(root, run.cfg.output.keep_last)
+    ds.barrier()
+
+
+def restore(run: Run, folder: str) -> None:
+    state = ckpt.read_trainer_state(folder)
+    run.policy.load(os.path.dirname(folder), os.path.basename(folder))
+    ckpt.read_rank_state(folder, run.dist.rank)
+    run.state.update(step=int(state["step"]))
+    if run.dist.is_main:
+        print(f"resumed from {folder} at step {run.state['step']} / {run.total_steps}")
+
+
+def export(run: Run, out_dir: str) -> None:
+    """A Hugging Face folder (config, safetensors, tokenizer) loadable by AutoModelForCausalLM."""
+    state = run.policy.full_state_dict()
+    if run.dist.is_main:
+        tmp = out_dir + ".tmp"
+        run.policy.scorer.model.save_pretrained(tmp, state_dict=state)
+        run.tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out_dir):
+            ckpt.remove_tree(out_dir)
+        os.replace(tmp, out_dir)
+        print(f"exported the trained model to {out_dir}")
+    ds.barrier()
+
+
+if __name__ == "__main__":
+    main()
