@@ -79,7 +79,15 @@ class ObjectiveConfig:
             ("sft_weight", self.sft_weight >= 0, "must be >= 0"),
             ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ]
-        for name in ("beta", "mix_alpha", "mix_gamma", "margin", "dispersion", "sft_weight", "label_smoothing"):
+        for name in (
+            "beta",
+            "mix_alpha",
+            "mix_gamma",
+            "margin",
+            "dispersion",
+            "sft_weight",
+            "label_smoothing",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"objective.{name}: expected a finite number, got {value!r}")
@@ -130,7 +138,9 @@ def _check_inputs(cfg: ObjectiveConfig, named: dict[str, Tensor | None]) -> None
         required |= {"ref_chosen_entropy", "ref_rejected_entropy"}
     for name in sorted(required):
         if named[name] is None:
-            raise ValueError(f"preference_loss: {name} is required by this objective config ({_why(cfg, name)})")
+            raise ValueError(
+                f"preference_loss: {name} is required by this objective config ({_why(cfg, name)})"
+            )
     shape = named["policy_chosen"].shape
     if len(shape) != 1:
         raise ValueError(f"preference_loss: policy_chosen must have shape [B], got {tuple(shape)}")
@@ -147,7 +157,9 @@ def _why(cfg: ObjectiveConfig, name: str) -> str:
     return "always needed"
 
 
-def mallows_phi(cfg: ObjectiveConfig, h_chosen: Tensor, h_rejected: Tensor, n_w: Tensor, n_l: Tensor, vocab_size: int):
+def mallows_phi(
+    cfg: ObjectiveConfig, h_chosen: Tensor, h_rejected: Tensor, n_w: Tensor, n_l: Tensor, vocab_size: int
+):
     """φ = −c·ln(max(h, 1e-12)), h = ½(H_w/(n_w ln V) + H_l/(n_l ln V)) — Mallows-DPO dispersion, detached."""
     log_v = math.log(vocab_size)
     h = 0.5 * (h_chosen.detach() / (n_w * log_v) + h_rejected.detach() / (n_l * log_v))
@@ -169,7 +181,9 @@ def preference_loss(
     """Per-pair RainbowPO loss (SPEC §1 steps 1–8); sequence sums in, shape [B] each."""
     _check_inputs(cfg, {k: v for k, v in locals().items() if k not in ("cfg", "vocab_size")})
     if cfg.contextual_scaling and (vocab_size is None or vocab_size < 2):
-        raise ValueError(f"preference_loss: vocab_size (>= 2) is required by contextual_scaling, got {vocab_size}")
+        raise ValueError(
+            f"preference_loss: vocab_size (>= 2) is required by contextual_scaling, got {vocab_size}"
+        )
     dtype = policy_chosen.dtype
     n_w, n_l = chosen_tokens.to(dtype), rejected_tokens.to(dtype)
 

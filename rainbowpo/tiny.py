@@ -1,8 +1,8 @@
 """Tiny tokenizers and models built on the fly — for tests, the demo and benchmarks (no hub downloads).
 
-    tok = train_sentencepiece(texts, "runs/tok", vocab_size=320)        # byte fallback, adds BOS
-    tok = train_bpe(texts, "runs/tok_bpe", vocab_size=300)               # `tokenizers` BPE, no BOS
-    model = build_tiny_model(tok, "runs/model", arch="llama", layers=2)  # random weights, saved
+tok = train_sentencepiece(texts, "runs/tok", vocab_size=320)        # byte fallback, adds BOS
+tok = train_bpe(texts, "runs/tok_bpe", vocab_size=300)               # `tokenizers` BPE, no BOS
+model = build_tiny_model(tok, "runs/model", arch="llama", layers=2)  # random weights, saved
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 320, chat_template: str | None = None):
+def train_sentencepiece(
+    texts: Iterable[str], out_dir: str, vocab_size: int = 320, chat_template: str | None = None
+):
     """Train a sentencepiece BPE model (byte fallback, BOS added) and save it as a Hugging Face tokenizer."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
