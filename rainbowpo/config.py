@@ -34,7 +34,9 @@ class ModelConfig:
     """Hugging Face model folder (or hub name) of the policy."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision (written into the DeepSpeed config)."""
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager", "packed_sdpa", "packed_mask"] = "auto"
+    attn_implementation: Literal[
+        "auto", "flash_attention_2", "sdpa", "eager", "packed_sdpa", "packed_mask"
+    ] = "auto"
     """auto: flash-attention 2 when CUDA and flash_attn are present, per-segment sdpa otherwise."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward (less activation memory, ~30 % slower)."""
@@ -165,7 +167,9 @@ class TrainSection:
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
-        _require(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens)
+        _require(
+            self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens
+        )
 
     def grad_accum(self, world_size: int) -> int:
         """Accumulation steps for pair-count micro-batches: global / (world × micro), must divide."""
@@ -227,7 +231,9 @@ class Config:
         if self.train.mode == "preference":
             objective = self.objective.build()
             if self.reference.mode == "none" and objective.needs_reference:
-                need = "objective.mix_alpha > 0" if objective.mix_alpha > 0 else "objective.contextual_scaling"
+                need = (
+                    "objective.mix_alpha > 0" if objective.mix_alpha > 0 else "objective.contextual_scaling"
+                )
                 raise ConfigError(
                     f"reference.mode: none, but {need} needs a reference model; "
                     "set reference.mode to online or cached (or mix_alpha: 0 and contextual_scaling: false)"
@@ -247,7 +253,9 @@ class Config:
         return self.reference.path or self.model.path
 
     def reference_cache_dir(self) -> str:
-        return self.reference.cache_dir or os.path.join(os.path.dirname(self.output.dir.rstrip("/")) or ".", "ref_cache")
+        return self.reference.cache_dir or os.path.join(
+            os.path.dirname(self.output.dir.rstrip("/")) or ".", "ref_cache"
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -273,7 +281,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
+            )
     for item in overrides:
         _apply_override(raw, item)
     return build(Config, raw, "")

@@ -214,6 +214,10 @@ class PolicyEngine:
         ds_config = assemble_ds_config(
             load_ds_preset(cfg.deepspeed.config), cfg.train, cfg.model.dtype, dist.world_size, grad_accum
         )
+        if cfg.train.on_nan == "skip_step" and zero_stage(ds_config) == 0:
+            raise ConfigError(
+                "train.on_nan: skip_step needs ZeRO stage >= 1 (DeepSpeed discards the bad step)"
+            )
         model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

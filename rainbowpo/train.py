@@ -13,6 +13,7 @@ happen before `if last_step: break`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -248,13 +249,22 @@ def train_step(run: Run, step: int) -> dict:
         run.policy.backward(losses.sum() * (run.dist.world_size / step_pairs))
         sums += torch.cat([metrics, torch.tensor([float(batch.num_tokens)], dtype=torch.float64)])
     ds.all_reduce_sum(sums)
-    if not torch.isfinite(sums[0]):
-        raise_non_finite(run, step, micro_batches)
-    run.policy.step()
+    finite_loss = bool(torch.isfinite(sums[0]))
+    if not finite_loss and run.cfg.train.on_nan == "stop":
+        raise_non_finite(run, step, micro_batches, "loss")
+    run.policy.step()  # ZeRO discards a step whose gradient norm is non-finite
+    grad_norm = run.policy.grad_norm()
+    skipped = not (finite_loss and math.isfinite(grad_norm))
+    if skipped and run.cfg.train.on_nan == "stop":
+        raise_non_finite(run, step, micro_batches, "gradient")
     record = dict(zip(METRIC_KEYS, (sums[:-1] / step_pairs).tolist()))
-    record.update(
-        lr=run.policy.lr(), grad_norm=run.policy.grad_norm(), tokens_per_second=clock.rate(float(sums[-1]))
-    )
+    record.update(lr=run.policy.lr(), grad_norm=grad_norm, tokens_per_second=clock.rate(float(sums[-1])))
+    if skipped:
+        record["skipped_nonfinite"] = 1
+        if run.dist.is_main:
+            print(
+                f"step {step + 1}: non-finite loss or gradient; the step was skipped (train.on_nan: skip_step)"
+            )
     return {**record, "epoch": _epoch(run, step + 1), "step": step + 1}
 
 
@@ -318,13 +328,14 @@ def verify_settings(run: Run) -> None:
         )
 
 
-def raise_non_finite(run: Run, step: int, micro_batches: list) -> None:
+def raise_non_finite(run: Run, step: int, micro_batches: list, what: str) -> None:
     rows = sorted(r for part in ds.all_gather_objects(
         [run.train_set[i].row_id for mb in micro_batches for i in mb]) for r in part)  # fmt: skip
     last = ckpt.complete_checkpoints(os.path.join(run.cfg.output.dir, "checkpoints"))
     raise NonFiniteLossError(
-        f"non-finite loss at step {step + 1} (rows {rows[:32]}{' …' if len(rows) > 32 else ''}); "
-        f"no step was taken and nothing saved. Last good checkpoint: {last[-1] if last else 'none'}"
+        f"non-finite {what} at step {step + 1} (rows {rows[:32]}{' …' if len(rows) > 32 else ''}); "
+        f"no step was taken and nothing saved. Last good checkpoint: {last[-1] if last else 'none'}. "
+        "Set train.on_nan: skip_step to skip such steps instead"
     )
 
 
