@@ -20,15 +20,17 @@ CHATML_TEMPLATE = (
 def train_sentencepiece(
     texts: Iterable[str], out_dir: str, vocab_size: int = 320, chat_template: str | None = None
 ):
-    """Train a sentencepiece BPE model (byte fallback, BOS added) and save it as a Hugging Face tokenizer."""
+    """Train a sentencepiece BPE model (byte fallback, BOS added; vocab ≥ 256 bytes + characters), save as HF."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
+    texts = list(texts)
+    floor = 256 + 4 + len(set("".join(texts))) + 8  # byte pieces + specials + characters + a few merges
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
+        sentence_iterator=iter(texts),
         model_prefix=os.path.join(out_dir, "tokenizer"),
-        vocab_size=vocab_size,
+        vocab_size=max(vocab_size, floor),
         model_type="bpe",
         byte_fallback=True,
         character_coverage=1.0,

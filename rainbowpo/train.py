@@ -129,7 +129,7 @@ def setup(cfg: Config) -> Run:
     total_steps = planner.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    attn = select_attention(cfg.model.attn_implementation if cfg.data.packing else "sdpa")
+    attn = select_attention(cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt)
     objective = cfg.objective.build() if mode == "preference" else None
     policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)
     reference = build_reference(

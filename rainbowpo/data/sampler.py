@@ -1,0 +1,99 @@
+"""Which pairs go into which micro-batch of which rank at every optimizer step — a pure function of
+(seed, epoch, step), so a run restored mid-epoch continues in exactly the same order.
+
+Each epoch is a seeded shuffle cut into steps of `global_batch_pairs`; a remainder too small to give
+every micro-batch a pair is merged into the epoch's last step (no pair is ever dropped or repeated).
+A step's pairs are dealt into world × grad_accum micro-batches: in order (pair-count mode) or
+longest-first into the lightest bin (token-budget mode, uneven pair counts). Rank r takes bins
+[r·grad_accum, (r+1)·grad_accum).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+class StepPlanner:
+    def __init__(
+        self,
+        lengths: list[int],
+        global_batch_pairs: int,
+        world_size: int,
+        grad_accum: int,
+        seed: int,
+        micro_batch_tokens: int = 0,
+    ):
+        self.lengths, self.global_batch = list(lengths), global_batch_pairs
+        self.world, self.grad_accum, self.seed = world_size, grad_accum, seed
+        self.by_tokens = micro_batch_tokens > 0
+        self.bins = world_size * grad_accum
+        n = len(self.lengths)
+        if n < self.bins:
+            raise ValueError(
+                f"{n} examples cannot fill {world_size} ranks × {grad_accum} micro-batches: "
+                "add data or lower the batch/world size"
+            )
+        full, rest = divmod(n, global_batch_pairs)
+        self.steps_per_epoch = max(1, full + (1 if rest >= self.bins and full else 0))
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.lengths)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def step_pairs(self, epoch: int, step: int) -> list[int]:
+        """Example indices of one optimizer step (the last step of an epoch takes any small remainder)."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside the epoch's {self.steps_per_epoch} steps")
+        order = self._order(epoch)
+        start = step * self.global_batch
+        end = len(order) if step == self.steps_per_epoch - 1 else start + self.global_batch
+        return order[start:end]
+
+    def pairs_in_step(self, epoch: int, step: int) -> int:
+        return len(self.step_pairs(epoch, step))
+
+    def step_plan(self, epoch: int, step: int) -> list[list[list[int]]]:
+        """[rank][micro] → example indices."""
+        pairs = self.step_pairs(epoch, step)
+        bins = self._deal_by_tokens(pairs) if self.by_tokens else _split_even(pairs, self.bins)
+        return [bins[r * self.grad_accum : (r + 1) * self.grad_accum] for r in range(self.world)]
+
+    def micro_batches(self, epoch: int, step: int, rank: int) -> list[list[int]]:
+        return self.step_plan(epoch, step)[rank]
+
+    def _deal_by_tokens(self, pairs: list[int]) -> list[list[int]]:
+        bins: list[list[int]] = [[] for _ in range(self.bins)]
+        load = [0] * self.bins
+        for i in sorted(pairs, key=lambda j: (-self.lengths[j], j)):
+            target = min(range(self.bins), key=lambda b: (load[b] > 0, load[b], b))  # empty bins first
+            bins[target].append(i)
+            load[target] += self.lengths[i]
+        position = {j: k for k, j in enumerate(pairs)}
+        return [sorted(b, key=position.__getitem__) for b in bins]
+
+
+def _split_even(items: list[int], parts: int) -> list[list[int]]:
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def token_budget_grad_accum(
+    lengths: list[int], global_batch_pairs: int, world_size: int, budget: int, seed: int
+) -> int:
+    """Fixed accumulation for token-budget batching: enough micro-batches for the heaviest possible step.
+
+    Bounded by the largest `global_batch_pairs` (+ merged remainder) lengths, so it is the same on every
+    rank and every epoch; capped so that every micro-batch still gets at least one pair.
+    """
+    del seed  # the bound does not depend on the shuffle
+    rest = len(lengths) % global_batch_pairs
+    heaviest = sum(sorted(lengths, reverse=True)[: global_batch_pairs + rest])
+    accum = math.ceil(heaviest / (world_size * budget))
+    return max(1, min(accum, global_batch_pairs // world_size))
