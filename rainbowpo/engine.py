@@ -255,10 +255,20 @@ class PolicyEngine:
         return out
 
     def backward(self, loss: torch.Tensor) -> None:
-        """`loss` is already scaled by this micro-batch's share of the step (SPEC §1.9): no GAS rescale."""
+        """`loss` is already scaled by this micro-batch's share of the step (SPEC §1.9): no GAS rescale.
+
+        DeepSpeed counts micro-steps: `engine.step()` follows every backward and only the one at the
+        accumulation boundary updates the weights.
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss, scale_wrt_gas=False)
+        if not boundary:
+            self.engine.step()
 
     def step(self) -> None:
+        """The boundary micro-step: reduce, clip, update (ZeRO skips it if the gradient is non-finite)."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("optimizer step requested off the accumulation boundary (micro-batch count mismatch)")
         self.engine.step()
 
     def lr(self) -> float:
