@@ -208,6 +208,7 @@ class PolicyEngine:
 
     def __init__(self, engine, hf_ds, ds_config: dict):
         self.engine, self._hf_ds, self.ds_config = engine, hf_ds, ds_config
+        self._plain_norm: float | None = None
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, total_steps: int, attn_implementation: str):
@@ -268,14 +269,26 @@ class PolicyEngine:
     def step(self) -> None:
         """The boundary micro-step: reduce, clip, update (ZeRO skips it if the gradient is non-finite)."""
         if not self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError("optimizer step requested off the accumulation boundary (micro-batch count mismatch)")
+            raise RuntimeError(
+                "optimizer step requested off the accumulation boundary (micro-batch count mismatch)"
+            )
+        self._plain_norm = None
+        if zero_stage(self.ds_config) == 0:  # DeepSpeed keeps no norm without ZeRO; grads are reduced by now
+            grads = [
+                p.grad.detach().float().pow(2).sum()
+                for p in self.engine.module.parameters()
+                if p.grad is not None
+            ]
+            self._plain_norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+            if not math.isfinite(self._plain_norm):
+                return  # no ZeRO to discard it: leave the weights untouched (the loop stops; skip_step needs ZeRO)
         self.engine.step()
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
     def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._plain_norm if self._plain_norm is not None else self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def partitioned_numel(self) -> int:

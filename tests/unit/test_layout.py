@@ -30,7 +30,9 @@ def _imported_roots(path: pathlib.Path) -> set[str]:
 
 def test_only_engine_imports_deepspeed():
     offenders = [
-        str(p.relative_to(ROOT)) for p in _sources() if "deepspeed" in _imported_roots(p) and p.name != "engine.py"
+        str(p.relative_to(ROOT))
+        for p in _sources()
+        if "deepspeed" in _imported_roots(p) and p.name != "engine.py"
     ]
     assert offenders == [], f"deepspeed imported outside rainbowpo/engine.py: {offenders}"
     assert "deepspeed" in _imported_roots(ROOT / "rainbowpo" / "engine.py")
