@@ -35,6 +35,7 @@ def detect_format(row: dict, mode: str) -> str:
 
 
 def row_texts(row: dict, fmt: str, mode: str, tokenizer) -> RowTexts:
+    row = {k: v for k, v in row.items() if v is not None}  # `datasets` fills absent columns with None
     fmt = detect_format(row, mode) if fmt == "auto" else fmt
     if mode == "sft" or fmt == "sft":
         return _sft(row, tokenizer)
