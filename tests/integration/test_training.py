@@ -154,3 +154,33 @@ def test_zero3_partitions_and_export_matches_engine(workspace, tmp_path):
     with torch.no_grad():
         logp, _ = SequenceScorer(model)(trainer.make_batch(cfg, tok, examples[:2]))
     assert logp.tolist() == pytest.approx(reports[0]["logp"], abs=1e-5)
+
+
+def test_two_simulated_nodes_match_single_node(workspace, tmp_path):
+    """A hostfile with two 1-slot nodes, two launchers (--no_ssh, --node_rank 0|1) on this machine."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT, free_port
+
+    common = {"train.max_steps": 2, "objective.preset": "dpo", "train.micro_batch_pairs": 2}
+    single = tmp_path / "single"
+    launch(base_overrides(workspace, single, **common, **{"deepspeed.config": "zero0"}))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "two_nodes"
+    ds, port = str(Path(sys.executable).parent / "deepspeed"), str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([ds, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr",
+                          "127.0.0.1", "--master_port", port, "--module", "rainbowpo.train",
+                          *base_overrides(workspace, out, **common)],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=400) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "world size 2" in outputs[0][0]
+    assert_same_weights(final_weights(single), final_weights(out), 1e-5)
