@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rainbowpo import engine as ds
 from rainbowpo.config import Config
+from rainbowpo.fingerprint import model_fingerprint
 
 CACHE_VERSION = 1
 
@@ -102,23 +103,6 @@ def cache_key(cfg: Config, examples: Sequence, with_entropy: bool) -> str:
     for ex in examples:
         h.update(repr((ex.row_id, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)).encode())
     return h.hexdigest()[:24]
-
-
-def model_fingerprint(path: str) -> str:
-    """config.json + every weight file's name, size and first/last MiB (fast even for 70B checkpoints)."""
-    h = hashlib.sha256()
-    if not os.path.isdir(path):
-        return hashlib.sha256(path.encode()).hexdigest()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt")):
-            size = os.path.getsize(full)
-            h.update(f"{name}:{size}".encode())
-            with open(full, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                h.update(f.read(1 << 20))
-    return h.hexdigest()
 
 
 def _reference_pass(ref, dist, examples, make_batch, micro_pairs, with_entropy):
