@@ -11,7 +11,7 @@ Methods:
   from π(y|x)·exp(r/β_rso) ∝ the optimal policy. The accepted set is shuffled (seeded) and paired
   consecutively, each pair ordered by reward.
 - all_pairs: every pair with distinct rewards.
-Ties never form a pair; pairs closer than --min-gap are dropped; a prompt with fewer than two distinct
+Empty candidates are never paired (counted); ties never form a pair; pairs closer than --min-gap are dropped; a prompt with fewer than two distinct
 rewards gives no pair and is counted.
 """
 
@@ -66,6 +66,14 @@ def candidate_pairs(
     return pairs
 
 
+def usable_candidates(row: dict, stats: Counter) -> dict:
+    """Drop empty candidates (an empty response is not a trainable answer); keep their original ids."""
+    keep = [k for k, text in enumerate(row["candidates"]) if text.strip()]
+    stats["empty_candidates"] += len(row["candidates"]) - len(keep)
+    return {**row, "candidates": [row["candidates"][k] for k in keep], "rewards": [row["rewards"][k] for k in keep],
+            "candidate_ids": keep}  # fmt: skip
+
+
 def keeps(rewards: list[float], i: int, j: int, min_gap: float) -> bool:
     """Strictly better (ties never pair) and at least `min_gap` apart."""
     return rewards[i] > rewards[j] and rewards[i] - rewards[j] >= min_gap
@@ -80,7 +88,7 @@ def pair_row(row: dict, i: int, j: int) -> dict:
         "rejected": as_turn(row["candidates"][j]),
         "provenance": {
             "prompt_id": row["id"],
-            "candidate_ids": [i, j],
+            "candidate_ids": [row["candidate_ids"][i], row["candidate_ids"][j]],
             "rewards": [row["rewards"][i], row["rewards"][j]],
             "sampler": row.get("sampler"),
             "model_fingerprint": row.get("model_fingerprint"),
@@ -97,9 +105,10 @@ def select(
         raise ValueError(f"no scored candidates in {scored_dir}: run data_prep.score first")
     stats, pairs, all_rewards = Counter(prompts=len(rows)), [], []
     for row in rows:
+        all_rewards += row["rewards"]
+        stats["candidates"] += len(row["rewards"])
+        row = usable_candidates(row, stats)
         rewards = row["rewards"]
-        all_rewards += rewards
-        stats["candidates"] += len(rewards)
         if len(set(rewards)) < 2:
             stats["dropped_no_distinct_rewards"] += 1
             continue

@@ -91,3 +91,13 @@ def test_sort_task_prompts_and_demos():
     demos = [sort_task.imperfect_demo(r, rng, error_rate=0.5) for r in rows]
     solved = sum(sort_task.is_solved(d, r["metadata"]) for d, r in zip(demos, rows))
     assert 10 < solved < 45  # imperfect: room to improve, but mostly informative
+
+
+def test_empty_candidates_are_not_paired(tmp_path):
+    rows = [{"id": "0", "prompt": "p", "candidates": ["", "a", "b"], "rewards": [0.0, 0.9, 0.5]}]
+    write_part(str(tmp_path / "scored"), "0", rows)
+    out = str(tmp_path / "pairs.jsonl")
+    summary = select(str(tmp_path / "scored"), out, "best_worst", 4, 0.5, 0.0, 0)
+    pair = json.loads(open(out).readline())
+    assert summary["empty_candidates"] == 1 and (pair["chosen"], pair["rejected"]) == ("a", "b")
+    assert pair["provenance"]["candidate_ids"] == [1, 2]
