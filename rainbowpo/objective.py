@@ -71,14 +71,6 @@ class ObjectiveConfig:
     """ε ∈ [0, 0.5): conservative DPO label smoothing (logistic link)."""
 
     def __post_init__(self) -> None:
-        checks = [
-            ("beta", self.beta > 0, "must be > 0"),
-            ("link", self.link in LINKS, f"must be one of {sorted(LINKS)}"),
-            ("mix_alpha", 0.0 <= self.mix_alpha <= 1.0, "must be in [0, 1]"),
-            ("dispersion", self.dispersion > 0, "must be > 0"),
-            ("sft_weight", self.sft_weight >= 0, "must be >= 0"),
-            ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
-        ]
         for name in (
             "beta",
             "mix_alpha",
@@ -91,6 +83,14 @@ class ObjectiveConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"objective.{name}: expected a finite number, got {value!r}")
+        checks = [  # after the type check above, so a non-number gives ValueError, not TypeError
+            ("beta", self.beta > 0, "must be > 0"),
+            ("link", isinstance(self.link, str) and self.link in LINKS, f"must be one of {sorted(LINKS)}"),
+            ("mix_alpha", 0.0 <= self.mix_alpha <= 1.0, "must be in [0, 1]"),
+            ("dispersion", self.dispersion > 0, "must be > 0"),
+            ("sft_weight", self.sft_weight >= 0, "must be >= 0"),
+            ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"objective.{name} {rule}, got {getattr(self, name)!r}")

@@ -80,7 +80,8 @@ def test_chunk_size_does_not_change_values_or_gradients():
         results.append((lp.detach(), model.lm_head.weight.grad.clone()))
     for lp, grad in results[1:]:
         torch.testing.assert_close(lp, results[0][0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=0)
+        # the LM-head gradient sums over chunks in a different order: fp32 rounding, relative 1e-6
+        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-6)
 
 
 def test_packed_sequences_are_isolated():
