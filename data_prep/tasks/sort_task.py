@@ -30,11 +30,15 @@ def solve(row: dict) -> str:
 
 
 def imperfect_demo(row: dict, rng: random.Random, error_rate: float = 0.5) -> str:
-    """The right answer, or (with probability error_rate) one with a swapped pair or a dropped number."""
-    answer = sorted(row["metadata"]["numbers"])
+    """The right answer or, with probability error_rate, a flawed one: half of the flaws are the lazy
+    copy of the input (unsorted), the rest a swapped adjacent pair or a dropped number."""
+    numbers = row["metadata"]["numbers"]
+    answer = sorted(numbers)
     if rng.random() < error_rate and len(answer) > 1:
-        i = rng.randrange(len(answer) - 1)
-        if rng.random() < 0.5:
+        kind, i = rng.random(), rng.randrange(len(answer) - 1)
+        if kind < 0.5:
+            answer = list(numbers)
+        elif kind < 0.75:
             answer[i], answer[i + 1] = answer[i + 1], answer[i]
         else:
             del answer[i]
