@@ -6,6 +6,7 @@ import glob
 import importlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 
@@ -82,26 +83,51 @@ def load_function(spec: str) -> Callable:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward function {spec!r}: cannot import {module_name} ({exc})") from None
+    except Exception as exc:  # ImportError, or the module itself failing (SyntaxError, a raise at import)
+        raise ValueError(
+            f"reward function {spec!r}: cannot import {module_name} ({type(exc).__name__}: {exc})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {module_name} has no function {attr!r}")
+        what = f"{module_name} has no function {attr!r}"
+        if fn is not None:
+            what = f"{module_name}.{attr} is a {type(fn).__name__}, not a function"
+        raise ValueError(f"reward function {spec!r}: {what}")
     return fn
 
 
 def checked_reward(fn: Callable, spec: str, row: dict, k: int, text: str) -> float:
+    prompt, row_id = row_prompt(row), row.get("id")
     try:
-        value = fn(row_prompt(row), text, row.get("metadata") or {})
+        value = fn(prompt, text, row.get("metadata") or {})
     except Exception as exc:  # the user's function: report where, not a deep traceback
         raise ValueError(
-            f"reward function {spec} raised on prompt id {row['id']} candidate {k}: {exc!r}"
+            f"reward function {spec} raised on prompt id {row_id} candidate {k}: {exc!r}"
         ) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"reward function {spec} returned {value!r} for prompt id {row['id']} candidate {k}; "
+    # numbers.Real: int, float and numpy floats; bool is an int but never a reward
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"reward function {spec} returned {value!r} for prompt id {row_id} candidate {k}; "
                          "it must return a finite float")  # fmt: skip
     return float(value)
 
 
 def row_prompt(row: dict):
-    return row["messages"] if "messages" in row else row["prompt"]
+    if "messages" in row:
+        return row["messages"]
+    if "prompt" in row:
+        return row["prompt"]
+    raise ValueError(
+        f"prompt id {row.get('id')}: the row has neither 'prompt' nor 'messages' (columns: {sorted(row)})"
+    )
+
+
+def require_keys(rows: list[dict], keys: tuple[str, ...], folder: str, stage: str) -> None:
+    """Every row holds `keys` (and list values where a list is expected), else one line naming the row."""
+    for n, row in enumerate(rows, 1):
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(
+                f"{folder}: row {n} (id {row.get('id')}) has no {missing}; was it written by {stage}?"
+            )
+        if "candidates" in keys and not isinstance(row["candidates"], list):
+            raise ValueError(f"{folder}: row {n} (id {row['id']}): 'candidates' must be a list of strings")

@@ -10,11 +10,20 @@ Adds "rewards": [float] (one per candidate) and "scorer" to each row; resumable 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from tqdm.auto import tqdm
 
-from data_prep.common import checked_reward, done_ids, load_function, read_parts, row_prompt, write_part
+from data_prep.common import (
+    checked_reward,
+    done_ids,
+    load_function,
+    read_parts,
+    require_keys,
+    row_prompt,
+    write_part,
+)
 from rainbowpo.fingerprint import model_fingerprint
 
 
@@ -33,8 +42,15 @@ class RewardModelScorer:
     def __init__(self, path: str):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
+            raise ValueError(f"--reward-model {path}: folder not found")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        except (OSError, ValueError) as exc:  # hub/offline/missing-file errors: many lines, one cause
+            raise ValueError(
+                f"--reward-model {path}: cannot load a reward model ({str(exc).strip().splitlines()[0]})"
+            ) from None
         self.name = f"{path}@{model_fingerprint(path)}"
 
     def _text(self, row: dict, candidate: str) -> str:
@@ -57,6 +73,7 @@ def score(candidates_dir: str, out_dir: str, scorer, chunk: int = 64) -> int:
     rows = read_parts(candidates_dir)
     if not rows:
         raise ValueError(f"no candidates in {candidates_dir}: run data_prep.generate first")
+    require_keys(rows, ("id", "candidates"), candidates_dir, "data_prep.generate")
     finished = done_ids(out_dir)
     todo = [r for r in rows if r["id"] not in finished]
     for start in tqdm(range(0, len(todo), chunk), desc="score", unit="chunk", disable=not todo):

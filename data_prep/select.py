@@ -25,7 +25,9 @@ import random
 import statistics
 from collections import Counter
 
-from data_prep.common import read_parts
+from data_prep.common import read_parts, require_keys
+
+METHODS = ("rso", "best_worst", "all_pairs")
 
 
 def rso_accept(reward: float, r_max: float, beta: float, u: float) -> bool:
@@ -100,9 +102,21 @@ def pair_row(row: dict, i: int, j: int) -> dict:
 def select(
     scored_dir: str, out_path: str, method: str, k: int, beta: float, min_gap: float, seed: int
 ) -> dict:
-    rows = sorted(read_parts(scored_dir), key=lambda r: r["id"])
+    if method not in METHODS:
+        raise ValueError(f"select: unknown method {method!r}; choose one of {list(METHODS)}")
+    if method == "rso" and (beta <= 0 or k < 2):
+        raise ValueError(f"select: rso needs --beta-rso > 0 and --k >= 2 (a pair), got beta {beta}, k {k}")
+    rows = read_parts(scored_dir)
     if not rows:
         raise ValueError(f"no scored candidates in {scored_dir}: run data_prep.score first")
+    require_keys(rows, ("id", "candidates", "rewards"), scored_dir, "data_prep.score")
+    for row in rows:
+        if not isinstance(row["rewards"], list) or len(row["rewards"]) != len(row["candidates"]):
+            raise ValueError(
+                f"{scored_dir}: prompt id {row['id']} has {len(row['candidates'])} candidates but rewards "
+                f"{row['rewards']!r:.80}; re-run data_prep.score for it"
+            )
+    rows = sorted(rows, key=lambda r: r["id"])
     stats, pairs, all_rewards = Counter(prompts=len(rows)), [], []
     for row in rows:
         all_rewards += row["rewards"]
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scored", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--method", choices=["rso", "best_worst", "all_pairs"], default="rso")
+    p.add_argument("--method", choices=METHODS, default="rso")
     p.add_argument("--k", type=int, default=4, help="rso: candidates to accept per prompt")
     p.add_argument("--beta-rso", type=float, default=0.5, help="rso: reward temperature β_rso")
     p.add_argument("--min-gap", type=float, default=0.0, help="minimum reward difference of a pair")

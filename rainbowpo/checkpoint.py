@@ -44,7 +44,19 @@ def resolve_resume(resume: str, root: str) -> str | None:
         done = complete_checkpoints(root)
         return done[-1] if done else None
     if not os.path.isfile(os.path.join(resume, MARKER)):
-        raise ValueError(f"output.resume: {resume} is not a complete checkpoint (no {MARKER} marker inside)")
+        if not os.path.exists(resume):
+            raise ValueError(
+                f"output.resume: {resume} does not exist; give a step-* checkpoint folder, auto or never"
+            )
+        inside = complete_checkpoints(resume) or complete_checkpoints(os.path.join(resume, "checkpoints"))
+        hint = (
+            f"; did you mean {inside[-1]}?"
+            if inside
+            else " (an interrupted save); use resume: auto or another folder"
+        )
+        raise ValueError(
+            f"output.resume: {resume} is not a complete checkpoint (no {MARKER} marker inside){hint}"
+        )
     return resume
 
 
@@ -58,9 +70,15 @@ def read_rank_state(folder: str, rank: int) -> None:
     path = os.path.join(folder, "rng", f"rank{rank}.pt")
     if not os.path.isfile(path):
         return  # a different world size: the data order is still exact (it never depends on RNG)
-    state = torch.load(path, weights_only=True)
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
+    try:
+        state = torch.load(path, weights_only=True)
+        torch.set_rng_state(state["torch"])
+        random.setstate((3, tuple(state["python"]), None))
+    except Exception as exc:  # unpickling/format errors are deep and many
+        raise ValueError(
+            f"corrupt checkpoint {folder}: cannot restore rng/rank{rank}.pt ({type(exc).__name__}: {exc}); "
+            "delete the file to resume with fresh random state"
+        ) from None
 
 
 def finalize(tmp: str, final: str, trainer_state: dict) -> None:
@@ -79,9 +97,15 @@ def read_trainer_state(folder: str) -> dict:
     path = os.path.join(folder, "trainer_state.json")
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"corrupt checkpoint {folder}: cannot read trainer_state.json ({exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            f"corrupt checkpoint {folder}: trainer_state.json has no integer 'step' >= 0 (got {state!r:.80})"
+        )
+    return state
 
 
 def prune(root: str, keep_last: int) -> None:

@@ -60,7 +60,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data source path", "is required", self.path)
-        _require(self.weight > 0, "data source weight", "must be > 0", self.weight)
+        _require(self.weight > 0, f"data source {self.path}: weight", "must be > 0", self.weight)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,10 @@ class ObjectiveSection:
         from rainbowpo.objective import ObjectiveConfig
 
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
-        return ObjectiveConfig.from_preset(self.preset, **overrides)
+        try:
+            return ObjectiveConfig.from_preset(self.preset, **overrides)
+        except ValueError as exc:  # the objective's own range checks, reported as config errors
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class TrainSection:
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
     seed: int = 42
+    shuffle: bool = True
+    """Reshuffle the rows every epoch (seeded); false keeps the file order (curricula, benchmarks)."""
     on_nan: Literal["stop", "skip_step"] = "stop"
     """A non-finite loss or gradient: stop (naming step, rows, last good checkpoint) or skip the step."""
     eval_every: int = 0
@@ -240,6 +245,11 @@ class Config:
                 )
         if self.data.share_prompt and self.train.mode == "sft":
             raise ConfigError("data.share_prompt: only for preference pairs, not train.mode: sft")
+        if self.data.format != "auto" and (self.data.format == "sft") != (self.train.mode == "sft"):
+            raise ConfigError(
+                f"data.format: {self.data.format} rows do not fit train.mode: {self.train.mode}; "
+                "use data.format: auto or change train.mode"
+            )
 
     def reference_mode(self) -> str:
         """online | cached | none, with `auto` resolved from what the objective needs."""
@@ -267,6 +277,21 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Read YAML (optional), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
     raw: dict = {}
@@ -275,7 +300,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_StrictLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -299,7 +324,12 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); quote it or fix the brackets"
+        ) from None
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
@@ -317,9 +347,9 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required section is missing
+    except TypeError:  # a required section is missing
         missing = [n for n in names if n not in raw and _is_required(cls, n)]
-        raise ConfigError(f"{where}: missing required key(s) {missing}") from exc
+        raise ConfigError(f"{where}: missing required key(s) {missing}") from None
 
 
 def _is_required(cls: type, name: str) -> bool:

@@ -110,6 +110,10 @@ def load_ds_preset(name_or_path: str) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"deepspeed.config: {path} must be a JSON object of DeepSpeed keys, got {type(raw).__name__}"
+        )
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
@@ -137,7 +141,12 @@ def assemble_ds_config(
             raise ConfigError(
                 f"deepspeed.config: remove {key!r}; the optimizer and schedule come from train.*"
             )
-    zero = dict(preset.get("zero_optimization", {}))
+    zero = preset.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(
+            f'deepspeed.config: zero_optimization must be an object like {{"stage": 3}}, got {zero!r}'
+        )
+    zero = dict(zero)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     config = {
@@ -156,6 +165,9 @@ def _reject_auto(node, path: str = "") -> None:
     if isinstance(node, dict):
         for k, v in node.items():
             _reject_auto(v, f"{path}.{k}" if path else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _reject_auto(v, f"{path}[{i}]")
     elif node == "auto":
         raise ConfigError(
             f"deepspeed.config: {path} is 'auto'; write a number (the trainer fills batch/precision)"
@@ -172,7 +184,8 @@ def zero_stage(ds_config: dict) -> int:
 def load_causal_lm(path: str, cfg: Config, ds_config: dict, attn_implementation: str):
     """from_pretrained under ZeRO-3 partitioned init when the ds-config says stage 3 (HfDeepSpeedConfig)."""
     hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built and trained
-    if not os.path.exists(path) and not cfg.model.trust_remote_code and "/" not in path:
+    looks_local = "/" not in path or os.path.isabs(path) or path.startswith(".")
+    if not os.path.exists(path) and looks_local:
         raise ConfigError(f"model path not found: {path!r} (a local Hugging Face folder or a hub name)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -181,7 +194,7 @@ def load_causal_lm(path: str, cfg: Config, ds_config: dict, attn_implementation:
             attn_implementation=attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {path!r}: {str(exc).splitlines()[0]}") from None
     model.config.use_cache = False
     return model, hf_ds

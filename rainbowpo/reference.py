@@ -148,16 +148,25 @@ def _read_cache(folder: str, key: str, rows: int, with_entropy: bool) -> CachedR
     try:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta.json holds a {type(meta).__name__}, not an object")
         tensors = load_file(os.path.join(folder, "reference.safetensors"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # OSError, JSON, safetensors header errors: one line, one fix
         raise ValueError(
-            f"reference cache {folder} is unreadable ({exc}); delete the folder to rebuild it"
+            f"reference cache {folder} is unreadable ({type(exc).__name__}: {exc}); delete the folder to rebuild it"
         ) from None
     if meta.get("key") != key or meta.get("rows") != rows:
         raise ValueError(
             f"reference cache {folder} was built for other weights/data (key {meta.get('key')} rows "
             f"{meta.get('rows')}, expected {key} rows {rows}); delete it or set reference.cache_dir elsewhere"
         )
+    for name in ("logp",) + (("entropy",) if "entropy" in tensors else ()):
+        if name not in tensors or tuple(tensors[name].shape) != (rows, 2):
+            shape = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise ValueError(
+                f"reference cache {folder}: {name} table is {shape}, expected ({rows}, 2); "
+                "delete the folder to rebuild it"
+            )
     if with_entropy and "entropy" not in tensors:
         raise ValueError(f"reference cache {folder} has no entropies but contextual scaling needs them")
     return CachedReference(tensors["logp"], tensors.get("entropy"))

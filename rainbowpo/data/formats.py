@@ -31,7 +31,8 @@ def detect_format(row: dict, mode: str) -> str:
         return "sft"
     if "prompt" not in row and isinstance(row.get("chosen"), list):
         return "implicit"
-    return "conversational" if isinstance(row.get("chosen"), list) else "standard"
+    conversational = isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list)
+    return "conversational" if conversational else "standard"
 
 
 def row_texts(row: dict, fmt: str, mode: str, tokenizer) -> RowTexts:
@@ -73,10 +74,9 @@ def _sft(row: dict, tokenizer) -> RowTexts:
         )
     if isinstance(row.get("prompt"), list):
         prompt_msgs = _messages(row, "prompt")
-        completion = row.get("completion")
         completion_msgs = (
-            completion
-            if isinstance(completion, list)
+            _messages(row, "completion")
+            if isinstance(row.get("completion"), list)
             else [{"role": "assistant", "content": _text(row, "completion")}]
         )
         return RowTexts(

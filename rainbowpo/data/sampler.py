@@ -23,8 +23,9 @@ class StepPlanner:
         grad_accum: int,
         seed: int,
         micro_batch_tokens: int = 0,
+        shuffle: bool = True,
     ):
-        self.lengths, self.global_batch = list(lengths), global_batch_pairs
+        self.lengths, self.global_batch, self.shuffle = list(lengths), global_batch_pairs, shuffle
         self.world, self.grad_accum, self.seed = world_size, grad_accum, seed
         self.by_tokens = micro_batch_tokens > 0
         self.bins = world_size * grad_accum
@@ -39,7 +40,8 @@ class StepPlanner:
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.lengths)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
     def step_pairs(self, epoch: int, step: int) -> list[int]:

@@ -6,6 +6,7 @@ several sources mix by weight (w = 1 takes a source once, 0.5 half of it, 2 twic
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -29,19 +30,78 @@ def read_source(src: SourceConfig):
     datasets.disable_progress_bars()
     path = src.path
     if os.path.isdir(path):
-        loaded = datasets.load_from_disk(path)
-        return loaded[src.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        try:
+            loaded = datasets.load_from_disk(path)
+        except FileNotFoundError:
+            raise ValueError(
+                f"data source {path}: a folder, but not one written by datasets.save_to_disk; "
+                f"give a file path ({'/'.join(LOADERS)}) instead"
+            ) from None
+        except Exception as exc:  # e.g. an empty or half-written save_to_disk folder
+            raise ValueError(
+                f"data source {path}: cannot load this save_to_disk folder ({type(exc).__name__}: "
+                f"{_first_line(exc)}); is it empty or half written?"
+            ) from None
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded
+        if src.split not in loaded:
+            raise ValueError(
+                f"data source {path}: no split {src.split!r}; set split: to one of {sorted(loaded)}"
+            )
+        return loaded[src.split]
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and ext not in LOADERS:
+        raise ValueError(f"data source {path}: unsupported file type {ext!r}; use one of {list(LOADERS)}")
     if ext in LOADERS:
         if not os.path.isfile(path):
             raise ValueError(f"data source {path}: file not found")
-        return datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
+        try:
+            return datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
+        except Exception as exc:  # arrow/pandas errors name neither the file nor the line: find it
+            raise ValueError(f"data source {path}: {_diagnose(path, ext, exc)}") from None
     try:
         return datasets.load_dataset(path, split=src.split)
     except Exception as exc:  # hub errors are many and deep: one clear line instead
         raise ValueError(
-            f"data source {path!r}: not a local file/folder and not loadable as a dataset ({exc})"
+            f"data source {path!r}: not a local file/folder and not loadable as a dataset "
+            f"({_first_line(exc)})"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc).strip() or type(exc).__name__
+    if cause is not None and "error occurred while generating" in text:  # datasets' wrapper says nothing
+        text = str(cause).strip() or type(cause).__name__
+    return text.splitlines()[0]
+
+
+def _diagnose(path: str, ext: str, exc: BaseException) -> str:
+    """Why a local file failed to load, as one line: empty, or the first line that is not a JSON object."""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        return "the file is empty (no rows)"
+    if "corresponds to no data" in str(exc):  # e.g. a csv with only its header line
+        return "the file has no rows"
+    if ext == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {n} is not valid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {n} is not a JSON object (got {type(row).__name__}); each line must be one row {{...}}"
+    if ext == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        if isinstance(rows, list) and not all(isinstance(r, dict) for r in rows):
+            return "a .json source must be a list of row objects [{...}, ...]"
+    return f"cannot read it as {LOADERS[ext]} ({_first_line(exc)})"
 
 
 def load_rows(sources: list[SourceConfig], seed: int, label: str = "data.train") -> list[SourceRow]:
@@ -51,6 +111,8 @@ def load_rows(sources: list[SourceConfig], seed: int, label: str = "data.train")
     for i, src in enumerate(sources):
         name = f"{label}[{i}] {os.path.basename(src.path.rstrip('/')) or src.path}"
         table = read_source(src)
+        if len(table) == 0:
+            raise ValueError(f"{name}: the source has no rows ({src.path})")
         missing = [theirs for theirs in src.columns.values() if theirs not in table.column_names]
         if missing:
             raise ValueError(

@@ -74,13 +74,21 @@ def load_examples(
         raise ValueError(
             "the tokenizer has no EOS token: set tokenizer.eos_token (every response must end with one)"
         )
-    rows = load_rows(sources, seed)
+    label = "data.eval" if sources is data.eval and sources is not data.train else "data.train"
+    rows = load_rows(sources, seed, label)
     summary = DataSummary(read=len(rows))
     examples: list = []
     for item in tqdm(rows, desc="tokenize", disable=len(rows) < 5000):
         try:
             texts = row_texts(item.row, data.format, mode, tokenizer)
         except BadRow as bad:
+            if (
+                bad.kind == "no_chat_template"
+            ):  # the tokenizer's problem, not the row's: skipping would drop them all
+                raise ValueError(
+                    f"{item.source} row {item.index} is conversational but the tokenizer has no chat template; "
+                    "add one to the model folder's tokenizer_config.json or use string rows"
+                ) from None
             if data.on_bad_row == "skip":
                 summary.skipped[bad.kind] += 1
                 continue
@@ -107,7 +115,10 @@ def load_examples(
         summary.response_lengths.extend(len(r) for r in responses)
     summary.kept = len(examples)
     if not examples:
-        raise ValueError(f"no usable rows in {[s.path for s in sources]}: {summary.format()}")
+        raise ValueError(
+            f"no usable rows in {[s.path for s in sources]}: {summary.format()}; "
+            "fix the rows (see the skip counts) or raise data.max_length (see the drop counts)"
+        )
     return examples, summary
 
 

@@ -203,6 +203,11 @@ def test_deterministic_different_per_epoch_and_restorable():
     assert StepPlanner(LENGTHS, 8, 2, 2, seed=3).micro_batches(1, 1, 1) == a.micro_batches(1, 1, 1)
 
 
+def test_no_shuffle_keeps_file_order_every_epoch():
+    planner = StepPlanner(LENGTHS, 8, 1, 1, seed=3, shuffle=False)
+    assert planner.step_pairs(0, 1) == list(range(8, 16)) == planner.step_pairs(2, 1)
+
+
 def test_remainder_merged_and_too_few_pairs():
     planner = StepPlanner(list(range(1, 20)), 8, 2, 2, seed=0)  # 19 = 8 + 8 + 3, and 3 < 4 micro-batches
     assert planner.steps_per_epoch == 2 and planner.pairs_in_step(0, 1) == 11
