@@ -17,6 +17,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class Run:
     reference: object
     objective: object
     vocab: int
+    timings: dict = field(default_factory=dict)  # seconds: data_s, policy_s, reference_s
     logger: MetricsLogger | None = None
     state: dict = field(default_factory=lambda: {"step": 0})
 
@@ -110,12 +112,14 @@ def setup(cfg: Config) -> Run:
     dist = ds.init_distributed()
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
+    clock = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     mode = cfg.train.mode
     train_set, summary = load_examples(cfg.data, cfg.data.train, tokenizer, mode, cfg.train.seed)
     eval_set = (
         load_examples(cfg.data, cfg.data.eval, tokenizer, mode, cfg.train.seed)[0] if cfg.data.eval else []
     )
+    timings = {"data_s": time.perf_counter() - clock}
     lengths = [ex.num_tokens for ex in train_set]
     grad_accum = _grad_accum(cfg, dist, lengths)
     planner = StepPlanner(
@@ -125,13 +129,16 @@ def setup(cfg: Config) -> Run:
         grad_accum,
         cfg.train.seed,
         cfg.train.micro_batch_tokens,
+        cfg.train.shuffle,
     )
     total_steps = planner.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     attn = select_attention(cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt)
     objective = cfg.objective.build() if mode == "preference" else None
+    clock = time.perf_counter()
     policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)
+    timings["policy_s"], clock = time.perf_counter() - clock, time.perf_counter()
     reference = build_reference(
         cfg,
         dist,
@@ -141,8 +148,9 @@ def setup(cfg: Config) -> Run:
         grad_accum,
         attn,
     )
+    timings["reference_s"] = time.perf_counter() - clock
     run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
-              objective, vocab_size(policy.scorer.model))  # fmt: skip
+              objective, vocab_size(policy.scorer.model), timings)  # fmt: skip
     if dist.is_main:
         print_header(run, summary, attn)
     return run
@@ -202,6 +210,7 @@ def print_header(run: Run, summary, attn: str) -> None:
         f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
         f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
     )
+    print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 
 # ----------------------------------------------------------------------------- the loop
