@@ -4,8 +4,8 @@
         --reward data_prep.tasks.sort_task:reward --out runs/demo/eval_rainbowpo.json
 
 Greedy by default; with --temperature T --n N each prompt scores the mean of N sampled answers (the
-expected reward that preference optimization maximizes). "Solved" means reward == 1. The 95 % confidence interval of the mean reward is a percentile bootstrap
-over prompts (2,000 resamples, seeded).
+expected reward that preference optimization maximizes). "Solved" means reward == 1. The 95 %
+confidence interval of the mean reward is a percentile bootstrap over prompts (2,000 resamples, seeded).
 """
 
 from __future__ import annotations

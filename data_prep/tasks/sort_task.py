@@ -10,11 +10,18 @@ from __future__ import annotations
 import random
 
 
-def make_prompts(n: int, seed: int, min_len: int = 3, max_len: int = 5, max_value: int = 9) -> list[dict]:
+def make_prompts(
+    n: int, seed: int, min_len: int = 3, max_len: int = 5, max_value: int = 9, distinct: bool = False
+) -> list[dict]:
+    """n prompts "sort: ..." of min_len..max_len digits in 0..max_value (all different when distinct)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        numbers = [rng.randint(0, max_value) for _ in range(rng.randint(min_len, max_len))]
+        length = rng.randint(min_len, max_len)
+        if distinct:
+            numbers = rng.sample(range(max_value + 1), length)
+        else:
+            numbers = [rng.randint(0, max_value) for _ in range(length)]
         rows.append(
             {
                 "id": f"{seed}-{i}",
@@ -29,16 +36,16 @@ def solve(row: dict) -> str:
     return " ".join(map(str, sorted(row["metadata"]["numbers"])))
 
 
-def imperfect_demo(row: dict, rng: random.Random, error_rate: float = 0.5) -> str:
-    """The right answer or, with probability error_rate, a flawed one: half of the flaws are the lazy
-    copy of the input (unsorted), the rest a swapped adjacent pair or a dropped number."""
-    numbers = row["metadata"]["numbers"]
-    answer = sorted(numbers)
+def imperfect_demo(row: dict, rng: random.Random, error_rate: float = 0.5, drop: bool = True) -> str:
+    """The right answer or, with probability error_rate, a flawed one: most flaws (60 %) sort in the wrong
+    direction (a systematic demonstrator mistake that imitation copies), the rest swap an adjacent pair or
+    (when `drop`) drop a number (slips)."""
+    answer = sorted(row["metadata"]["numbers"])
     if rng.random() < error_rate and len(answer) > 1:
         kind, i = rng.random(), rng.randrange(len(answer) - 1)
-        if kind < 0.5:
-            answer = list(numbers)
-        elif kind < 0.75:
+        if kind < 0.6:
+            answer.reverse()
+        elif kind < 0.8 or not drop:
             answer[i], answer[i + 1] = answer[i + 1], answer[i]
         else:
             del answer[i]
