@@ -20,6 +20,10 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the intact previous one."""
+
+
 def step_tag(step: int) -> str:
     return f"step-{step:06d}"
 

@@ -93,7 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(config_path, overrides)
     except ValueError as exc:
         sys.exit(f"config error: {exc}")
-    train(cfg)
+    try:
+        train(cfg)
+    except (
+        ValueError,
+        NonFiniteLossError,
+        ckpt.CheckpointError,
+    ) as exc:  # our one-line messages: data, checkpoints, caches, NaN
+        if os.environ.get("RAINBOWPO_TRACEBACK"):
+            raise
+        sys.exit(f"error: {exc}\n(set RAINBOWPO_TRACEBACK=1 for the traceback)")
 
 
 def train(cfg: Config) -> dict:
@@ -267,6 +276,8 @@ def train_step(run: Run, step: int) -> dict:
     if skipped and run.cfg.train.on_nan == "stop":
         raise_non_finite(run, step, micro_batches, "gradient")
     record = dict(zip(METRIC_KEYS, (sums[:-1] / step_pairs).tolist()))
+    if run.objective is None:  # SFT: only the loss and the completions' log-prob mean
+        record = {"loss": record["loss"], "logps/completion": record["logps/chosen"]}
     record.update(lr=run.policy.lr(), grad_norm=grad_norm, tokens_per_second=clock.rate(float(sums[-1])))
     if skipped:
         record["skipped_nonfinite"] = 1
@@ -356,22 +367,34 @@ def _epoch(run: Run, step: int) -> float:
 
 
 def save(run: Run, root: str) -> None:
+    """Every rank writes into a temp folder; rank 0 adds the state and the marker last, then renames.
+
+    A failure (disk full, quota) leaves the previous complete checkpoint untouched and says so."""
     step = run.state["step"]
     final = os.path.join(root, ckpt.step_tag(step))
     if os.path.isdir(final):
         return
-    tmp_tag = ".tmp-" + ckpt.step_tag(step)
-    if run.dist.is_main:
-        os.makedirs(root, exist_ok=True)
-        ckpt.remove_tree(os.path.join(root, tmp_tag))
-    ds.barrier()
-    run.policy.save(root, tmp_tag)
-    ckpt.write_rank_state(os.path.join(root, tmp_tag), run.dist.rank)
-    ds.barrier()
-    if run.dist.is_main:
-        state = {**run.state, "world_size": run.dist.world_size, "total_steps": run.total_steps}
-        ckpt.finalize(os.path.join(root, tmp_tag), final, state)
-        ckpt.prune(root, run.cfg.output.keep_last)
+    tmp = os.path.join(root, ".tmp-" + ckpt.step_tag(step))
+    try:
+        if run.dist.is_main:
+            os.makedirs(root, exist_ok=True)
+            ckpt.remove_tree(tmp)
+        ds.barrier()
+        run.policy.save(root, os.path.basename(tmp))
+        ckpt.write_rank_state(tmp, run.dist.rank)
+        ds.barrier()
+        if run.dist.is_main:
+            state = {**run.state, "world_size": run.dist.world_size, "total_steps": run.total_steps}
+            ckpt.finalize(tmp, final, state)
+            ckpt.prune(root, run.cfg.output.keep_last)
+    except OSError as exc:
+        previous = ckpt.complete_checkpoints(root)
+        raise ckpt.CheckpointError(
+            f"saving the step-{step} checkpoint failed ({exc}); "
+            + (f"{previous[-1]} is intact and output.resume: auto continues from it" if previous
+               else "there is no earlier checkpoint")
+            + "; free disk space and restart"
+        ) from None  # fmt: skip
     ds.barrier()
 
 
