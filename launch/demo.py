@@ -55,7 +55,7 @@ class Sizes:
 
 SIZES = {
     "full": Sizes(),
-    "quick": Sizes(sft_rows=1500, prep_prompts=256, heldout_prompts=100, sft_epochs=5, po_epochs=2),
+    "quick": Sizes(prep_prompts=384, heldout_prompts=100),  # the SFT stage as in full: it needs the steps
 }
 
 

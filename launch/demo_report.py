@@ -61,7 +61,7 @@ def plot_rewards(evals: dict, models: list[str], target: Path) -> None:
     bins = [i / 10 for i in range(11)]
     for ax, mode in zip(axes, MODES):
         for m in models:
-            ax.hist(evals[(m, mode)]["rewards"], bins=bins, alpha=0.5, label=m)
+            ax.hist(evals[(m, mode)]["rewards"], bins=bins, histtype="step", linewidth=1.8, label=m)
         ax.set_title(f"held-out reward per prompt ({mode})")
         ax.set_xlabel("reward")
         ax.set_ylabel("prompts")
@@ -101,7 +101,8 @@ def examples(out: Path, seed: int, methods: list[str], k: int = 5) -> list[str]:
     evals = load_evals(out / f"seed-{seed}", ["sft", *methods])
     sft, best = evals[("sft", "greedy")]["answers"], evals[(methods[0], "greedy")]["answers"]
     lines = [f"| prompt | sft | {methods[0]} |", "|---|---|---|"]
-    for a, b in list(zip(sft, best))[:k]:
+    differ = [(a, b) for a, b in zip(sft, best) if a["answers"][0] != b["answers"][0]]
+    for a, b in differ[:k]:
         lines.append(f"| `{a['prompt']}` | `{a['answers'][0]}` ({a['rewards'][0]:.2f}) "
                      f"| `{b['answers'][0]}` ({b['rewards'][0]:.2f}) |")  # fmt: skip
     return lines
@@ -135,7 +136,12 @@ def write_report(out: Path, seeds: list[int], methods: list[str]) -> Path:
                     f"| {m} | {mode} | {statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f} | {gain} |"
                 )
         text.append("")
-    text += [f"## Example greedy answers (seed {seeds[0]})", "", *examples(out, seeds[0], methods), ""]
+    text += [
+        f"## Held-out prompts where the greedy answers differ (seed {seeds[0]}, first 5)",
+        "",
+        *examples(out, seeds[0], methods),
+        "",
+    ]
     report = out / "report.md"
     report.write_text("\n".join(text))
     print("\n".join(["", f"held-out results, seed {seeds[0]}:", *tables[seeds[0]]]))

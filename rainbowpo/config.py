@@ -101,6 +101,7 @@ class ObjectiveSection:
     """`preset` plus any field of rainbowpo.objective.ObjectiveConfig (None = the preset's value)."""
 
     preset: str = "dpo"
+    """dpo | ipo | hinge | simpo | mallows_dpo | rainbowpo: a row of rainbowpo.objective.PRESETS."""
     beta: float | None = None
     link: str | None = None
     length_norm: bool | None = None
@@ -146,16 +147,23 @@ class TrainSection:
     micro_batch_tokens: int = 0
     """If > 0: balance micro-batches by tokens (≤ this many each); accumulation derived from the data."""
     lr: float = 5e-7
+    """Peak learning rate (AdamW)."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up: linear or cosine to 0, or constant."""
     warmup_ratio: float = 0.1
+    """Fraction of the steps with a linear warm-up from 0."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)."""
     epochs: int = 1
+    """Passes over the training set."""
     max_steps: int = 0
     """If > 0: stop after this many optimizer steps (overrides epochs)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
     seed: int = 42
+    """Seeds the data order, dropout and sampling; the same seed gives the same run."""
     shuffle: bool = True
     """Reshuffle the rows every epoch (seeded); false keeps the file order (curricula, benchmarks)."""
     on_nan: Literal["stop", "skip_step"] = "stop"
@@ -196,6 +204,7 @@ class DeepSpeedSection:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/default"
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/ (shared filesystem for multi-node)."""
     save_every: int = 0
     """Checkpoint every N optimizer steps (0 = only at the end)."""
     keep_last: int = 2
@@ -215,8 +224,11 @@ class LoggingConfig:
     every: int = 1
     """Write a metrics.jsonl record every N optimizer steps."""
     tensorboard: bool = False
+    """Also write TensorBoard events to <output.dir>/tensorboard (needs tensorboard installed)."""
     wandb: bool = False
+    """Also log to Weights & Biases (needs wandb installed and logged in)."""
     wandb_project: str = "rainbowpo"
+    """W&B project name."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
 
