@@ -213,6 +213,8 @@ class OutputConfig:
     """auto: continue from the newest complete checkpoint; never; or a checkpoint path."""
     export: bool = True
     """Write a Hugging Face model folder to <dir>/final at the end."""
+    checkpoints: bool = True
+    """Write resumable checkpoints (false: none at all, e.g. for benchmarks; a killed run is then lost)."""
 
     def __post_init__(self) -> None:
         _require(self.keep_last >= 1, "output.keep_last", "must be >= 1", self.keep_last)

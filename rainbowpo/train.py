@@ -47,7 +47,10 @@ METRIC_KEYS = (
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A non-finite loss or gradient with train.on_nan: stop."""
+
+
+USER_ERRORS = (ValueError, NonFiniteLossError, ckpt.CheckpointError)  # printed as one line by main()
 
 
 @dataclass
@@ -95,11 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {exc}")
     try:
         train(cfg)
-    except (
-        ValueError,
-        NonFiniteLossError,
-        ckpt.CheckpointError,
-    ) as exc:  # our one-line messages: data, checkpoints, caches, NaN
+    except USER_ERRORS as exc:  # our one-line messages: data, checkpoints, caches, NaN
         if os.environ.get("RAINBOWPO_TRACEBACK"):
             raise
         sys.exit(f"error: {exc}\n(set RAINBOWPO_TRACEBACK=1 for the traceback)")
@@ -238,11 +237,9 @@ def loop(run: Run) -> dict:
     while True:
         step = run.state["step"]
         last_step = step == run.total_steps
-        if run.eval_set and (
-            last_step or (cfg.train.eval_every and step and step % cfg.train.eval_every == 0)
-        ):
+        if run.eval_set and _due(cfg.train.eval_every, step, last_step):
             run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
-        if step and (last_step or (cfg.output.save_every and step % cfg.output.save_every == 0)):
+        if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
             save(run, root)
         if last_step:
             break
@@ -269,12 +266,12 @@ def train_step(run: Run, step: int) -> dict:
     ds.all_reduce_sum(sums)
     finite_loss = bool(torch.isfinite(sums[0]))
     if not finite_loss and run.cfg.train.on_nan == "stop":
-        raise_non_finite(run, step, micro_batches, "loss")
+        raise_non_finite(run, f"step {step + 1}", micro_batches, "loss")
     run.policy.step()  # ZeRO discards a step whose gradient norm is non-finite
     grad_norm = run.policy.grad_norm()
     skipped = not (finite_loss and math.isfinite(grad_norm))
     if skipped and run.cfg.train.on_nan == "stop":
-        raise_non_finite(run, step, micro_batches, "gradient")
+        raise_non_finite(run, f"step {step + 1}", micro_batches, "gradient")
     record = dict(zip(METRIC_KEYS, (sums[:-1] / step_pairs).tolist()))
     if run.objective is None:  # SFT: only the loss and the completions' log-prob mean
         record = {"loss": record["loss"], "logps/completion": record["logps/chosen"]}
@@ -342,21 +339,29 @@ def verify_settings(run: Run) -> None:
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
         print(f"verifying settings on 2 micro-batches per rank: {shown}")
-    if not torch.isfinite(torch.tensor(metrics["loss"])):
-        raise NonFiniteLossError(
-            f"the loss is {metrics['loss']} before any step: check model.dtype and the data"
+    if not math.isfinite(metrics["loss"]) and run.cfg.train.on_nan == "stop":
+        checked = list(
+            range(min(len(run.train_set), 2 * run.dist.world_size * run.cfg.train.micro_batch_pairs))
+        )
+        raise_non_finite(
+            run, "the settings check before step 1", [checked] if run.dist.is_main else [], "loss"
         )
 
 
-def raise_non_finite(run: Run, step: int, micro_batches: list, what: str) -> None:
+def raise_non_finite(run: Run, where: str, micro_batches: list, what: str) -> None:
     rows = sorted(r for part in ds.all_gather_objects(
         [run.train_set[i].row_id for mb in micro_batches for i in mb]) for r in part)  # fmt: skip
     last = ckpt.complete_checkpoints(os.path.join(run.cfg.output.dir, "checkpoints"))
     raise NonFiniteLossError(
-        f"non-finite {what} at step {step + 1} (rows {rows[:32]}{' …' if len(rows) > 32 else ''}); "
+        f"non-finite {what} at {where} (rows {rows[:32]}{' …' if len(rows) > 32 else ''}); "
         f"no step was taken and nothing saved. Last good checkpoint: {last[-1] if last else 'none'}. "
         "Set train.on_nan: skip_step to skip such steps instead"
     )
+
+
+def _due(every: int, step: int, last_step: bool) -> bool:
+    """Eval/save points: the end, and every `every` steps when every > 0."""
+    return step > 0 and (last_step or (every > 0 and step % every == 0))
 
 
 def _epoch(run: Run, step: int) -> float:
