@@ -81,8 +81,10 @@ class DataConfig:
     """Bad rows raise a ValueError naming source and row, or are skipped and counted."""
     packing: bool = True
     """Pack sequences into one row (attention kept inside each sequence) instead of padding."""
-    share_prompt: bool = False
-    """Pack [prompt, chosen, rejected] computing the prompt once per pair (exact; needs packing)."""
+    share_prompt: bool | None = None
+    """Pack [prompt, chosen, rejected] computing the prompt once per pair (exact; needs packing). Unset: on
+    for preference pairs whenever attention runs per segment (measured faster, docs/benchmarks.md); off
+    for SFT, padded batches and the flash-attention varlen kernel."""
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "data.train", "needs at least one source", self.train)
@@ -171,12 +173,16 @@ class TrainSection:
     eval_every: int = 0
     """Evaluate on data.eval every N steps (0 = only at the end)."""
     logprob_chunk: int = 1024
-    """Response positions per LM-head chunk (memory vs. speed)."""
+    """Response positions per LM-head chunk when the head is recomputed (see keep_logits_mb)."""
+    keep_logits_mb: float = 512
+    """A micro-batch's LM-head logits (response positions × vocab × 4 bytes) up to this size stay in memory
+    for backward; larger ones are computed in chunks of logprob_chunk and recomputed in backward."""
 
     def __post_init__(self) -> None:
         for key in ("global_batch_pairs", "micro_batch_pairs", "epochs", "logprob_chunk"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be >= 1", getattr(self, key))
         _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(self.keep_logits_mb >= 0, "train.keep_logits_mb", "must be >= 0", self.keep_logits_mb)
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)

@@ -60,7 +60,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", text) if "[" not in text else text
 
 
-def _default(f: dataclasses.Field) -> str:
+def _default(f: dataclasses.Field, cls) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -68,7 +68,7 @@ def _default(f: dataclasses.Field) -> str:
     else:
         return "required"
     if value is None:
-        return "preset"
+        return "preset" if cls is config.ObjectiveSection else "unset"
     return f"`{value!r}`" if value != "" else "—"
 
 
@@ -84,7 +84,7 @@ def markdown() -> str:
         for f in dataclasses.fields(cls):
             key = f.name if section.startswith("data.train") else f"{section}.{f.name}"
             doc = docs.get(f.name, "").replace("|", "\\|")
-            lines.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f)} | {doc} |")
+            lines.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f, cls)} | {doc} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -235,10 +235,10 @@ class PolicyEngine:
         model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        scorer = SequenceScorer(model, chunk_size=cfg.train.logprob_chunk)
+        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb)
         t = cfg.train
-        optimizer = torch.optim.AdamW(
-            scorer.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
+        optimizer = torch.optim.AdamW(  # foreach: one multi-tensor update instead of a loop over tensors
+            scorer.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, foreach=True
         )
 
         def schedule(opt):
@@ -346,14 +346,22 @@ class ReferenceEngine:
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, attn_implementation: str):
-        preset = load_ds_preset("ref_zero3_offload" if cfg.reference.offload else "zero3")
+        preset = load_ds_preset(cls.preset_name(cfg))
         ds_config = assemble_ds_config(preset, cfg.train, cfg.model.dtype, dist.world_size, grad_accum)
         ds_config.pop("zero_force_ds_cpu_optimizer", None)
         model, hf_ds = load_causal_lm(cfg.reference_path(), cfg, ds_config, attn_implementation)
         model.requires_grad_(False)
-        scorer = SequenceScorer(model, chunk_size=cfg.train.logprob_chunk)
+        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb)
         engine, _, _, _ = deepspeed.initialize(model=scorer, config=ds_config, dist_init_required=False)
         return cls(engine, hf_ds)
+
+    @staticmethod
+    def preset_name(cfg: Config) -> str:
+        """Offloaded ZeRO-3 when asked; sharded like the policy under ZeRO-3; else replicated (no optimizer
+        state to shard, and ZeRO-3 gathers would only cost time)."""
+        if cfg.reference.offload:
+            return "ref_zero3_offload"
+        return "zero3" if zero_stage(load_ds_preset(cfg.deepspeed.config)) == 3 else "zero0"
 
     @torch.no_grad()
     def forward(self, batch, with_entropy: bool):

@@ -4,7 +4,9 @@
     logp, entropy = scorer(batch, with_entropy=True)   # [S] sums over response tokens
 
 The model body gives hidden states; only the response positions (`batch.target_index`) go through the
-LM head, in chunks recomputed in backward, so no [tokens, vocab] logits tensor is kept for the batch.
+LM head. When their logits would exceed `keep_logits_mb` (positions × vocab × 4 bytes) the head runs in
+chunks recomputed in backward, so no [tokens, vocab] tensor is kept for the batch; below it the logits
+stay in memory and nothing is recomputed.
 The head is called as a module (never by reading `.weight`): under ZeRO-3 its hooks gather the weight.
 """
 
@@ -37,10 +39,10 @@ def _token_stats(
 
 
 class SequenceScorer(torch.nn.Module):
-    def __init__(self, model, chunk_size: int = 1024):
+    def __init__(self, model, chunk_size: int = 1024, keep_logits_mb: float = 512):
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
+        self.chunk_size, self.keep_logits_mb = chunk_size, keep_logits_mb
 
     def forward(self, batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         body = _decoder(self.model)
@@ -54,11 +56,13 @@ class SequenceScorer(torch.nn.Module):
             flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
             head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        logits_mb = flat.shape[0] * vocab_size(self.model) * 4 / 2**20
+        recompute = torch.is_grad_enabled() and logits_mb > self.keep_logits_mb
+        chunk = self.chunk_size if recompute or not torch.is_grad_enabled() else max(1, flat.shape[0])
         logps, entropies = [], []
-        for start in range(0, flat.shape[0], self.chunk_size):
-            h = flat[start : start + self.chunk_size]
-            t = batch.target_ids[start : start + self.chunk_size]
-            if torch.is_grad_enabled():
+        for start in range(0, flat.shape[0], chunk):
+            h, t = flat[start : start + chunk], batch.target_ids[start : start + chunk]
+            if recompute:
                 lp, ent = checkpoint(_token_stats, head, h, t, softcap, with_entropy, use_reentrant=False)
             else:
                 lp, ent = _token_stats(head, h, t, softcap, with_entropy)

@@ -13,6 +13,7 @@ happen before `if last_step: break`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -116,7 +117,17 @@ def train(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- setup
 
 
+def resolve_defaults(cfg: Config) -> Config:
+    """Fill the settings whose default depends on the machine (printed with the resolved config)."""
+    if cfg.data.share_prompt is not None:
+        return cfg
+    share = cfg.train.mode == "preference" and cfg.data.packing
+    share = share and select_attention(cfg.model.attn_implementation, True, False) != "flash_attention_2"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, share_prompt=share))
+
+
 def setup(cfg: Config) -> Run:
+    cfg = resolve_defaults(cfg)
     dist = ds.init_distributed()
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
@@ -334,15 +345,13 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
 
 
 def verify_settings(run: Run) -> None:
-    """A 2-micro-batch eval before the first step: a broken setting fails in seconds, not hours."""
-    metrics = evaluate(run, run.train_set, limit=2 * run.dist.world_size)
+    """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours."""
+    metrics = evaluate(run, run.train_set, limit=run.dist.world_size)
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
-        print(f"verifying settings on 2 micro-batches per rank: {shown}")
+        print(f"verifying settings on one micro-batch per rank: {shown}")
     if not math.isfinite(metrics["loss"]) and run.cfg.train.on_nan == "stop":
-        checked = list(
-            range(min(len(run.train_set), 2 * run.dist.world_size * run.cfg.train.micro_batch_pairs))
-        )
+        checked = list(range(min(len(run.train_set), run.dist.world_size * run.cfg.train.micro_batch_pairs)))
         raise_non_finite(
             run, "the settings check before step 1", [checked] if run.dist.is_main else [], "loss"
         )

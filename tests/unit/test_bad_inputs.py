@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 from contextlib import contextmanager
 
@@ -28,7 +27,6 @@ from rainbowpo.data.sampler import StepPlanner
 from rainbowpo.data.tokenize import load_examples
 from rainbowpo.engine import assemble_ds_config, load_causal_lm, load_ds_preset
 from rainbowpo.objective import ObjectiveConfig
-from rainbowpo.tiny import CHATML_TEMPLATE, train_bpe
 
 BASE = ["model.path=/m", "data.train=p.jsonl"]
 WORDS = "alpha beta gamma one two red blue sort".split()
@@ -244,18 +242,6 @@ def test_too_few_examples_for_ranks_and_micro_batches():
 # ----------------------------------------------------------------------------- data: sources and rows
 
 
-@pytest.fixture(scope="module")
-def toks(tmp_path_factory):
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(200)]
-    d = tmp_path_factory.mktemp("tok")
-    return {
-        "plain": train_bpe(texts, str(d / "bpe")),
-        "chat": train_bpe(texts, str(d / "bpec"), chat_template=CHATML_TEMPLATE),
-        "dir": str(d / "bpe"),
-    }
-
-
 STANDARD = {"prompt": "sort alpha beta", "chosen": "one two", "rejected": "red"}
 
 
@@ -285,7 +271,7 @@ def load_path(path, tok):
 def test_tokenizer_without_eos(tmp_path, toks):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toks["dir"])
+    tok = AutoTokenizer.from_pretrained(toks["bpe_dir"])
     tok.eos_token = None
     with fails(ValueError, re.escape("the tokenizer has no EOS token: set tokenizer.eos_token")):
         load(tmp_path, [STANDARD], tok)
@@ -294,21 +280,21 @@ def test_tokenizer_without_eos(tmp_path, toks):
 @pytest.mark.parametrize("text", ["", "\n\n  \n"], ids=["zero_bytes", "blank_lines"])
 def test_empty_jsonl_source(tmp_path, toks, text):
     with fails(ValueError, r"data source .*empty\.jsonl: the file is empty \(no rows\)"):
-        load_path(write(tmp_path / "empty.jsonl", text), toks["plain"])
+        load_path(write(tmp_path / "empty.jsonl", text), toks["bpe"])
 
 
 def test_sources_without_rows(tmp_path, toks):
     import datasets
 
     with fails(ValueError, r"data source .*header\.csv: the file has no rows"):
-        load_path(write(tmp_path / "header.csv", "prompt,chosen,rejected\n"), toks["plain"])
+        load_path(write(tmp_path / "header.csv", "prompt,chosen,rejected\n"), toks["bpe"])
     with fails(ValueError, r"data source .*empty\.json: the file has no rows"):
-        load_path(write(tmp_path / "empty.json", "[]"), toks["plain"])
+        load_path(write(tmp_path / "empty.json", "[]"), toks["bpe"])
     datasets.Dataset.from_dict({"prompt": []}).save_to_disk(str(tmp_path / "saved"))
     with fails(
         ValueError, r"saved: cannot load this save_to_disk folder \(.*\); is it empty or half written\?"
     ):
-        load_path(str(tmp_path / "saved"), toks["plain"])
+        load_path(str(tmp_path / "saved"), toks["bpe"])
 
 
 @pytest.mark.parametrize(
@@ -320,30 +306,30 @@ def test_sources_without_rows(tmp_path, toks):
 )  # fmt: skip
 def test_malformed_jsonl_names_the_line(tmp_path, toks, text, message):
     with fails(ValueError, "data source .*" + message):
-        load_path(write(tmp_path / "bad.jsonl", text), toks["plain"])
+        load_path(write(tmp_path / "bad.jsonl", text), toks["bpe"])
 
 
 def test_malformed_json_file(tmp_path, toks):
     with fails(ValueError, r"bad\.json: not valid JSON \(Expecting property name .* at line 1, column 2\)"):
-        load_path(write(tmp_path / "bad.json", "{oops"), toks["plain"])
+        load_path(write(tmp_path / "bad.json", "{oops"), toks["bpe"])
 
 
 def test_source_missing_file_unsupported_type_plain_folder_and_split(tmp_path, toks):
     import datasets
 
     with fails(ValueError, r"data source .*missing\.jsonl: file not found"):
-        load_path(str(tmp_path / "missing.jsonl"), toks["plain"])
+        load_path(str(tmp_path / "missing.jsonl"), toks["bpe"])
     with fails(ValueError, re.escape("rows.txt: unsupported file type '.txt'; use one of ['.jsonl', '.json', '.parquet', '.csv']")):  # fmt: skip
-        load_path(write(tmp_path / "rows.txt", "hello\n"), toks["plain"])
+        load_path(write(tmp_path / "rows.txt", "hello\n"), toks["bpe"])
     (tmp_path / "folder").mkdir()
     with fails(
         ValueError, "folder: a folder, but not one written by datasets.save_to_disk; give a file path"
     ):
-        load_path(str(tmp_path / "folder"), toks["plain"])
+        load_path(str(tmp_path / "folder"), toks["bpe"])
     datasets.DatasetDict({"train": datasets.Dataset.from_list([STANDARD])}).save_to_disk(str(tmp_path / "dd"))
     cfg = load_config(None, ["model.path=x", f"data.train=[{{path: {tmp_path / 'dd'}, split: test}}]"])
     with fails(ValueError, re.escape("dd: no split 'test'; set split: to one of ['train']")):
-        load_examples(cfg.data, cfg.data.train, toks["plain"], "preference", 0)
+        load_examples(cfg.data, cfg.data.train, toks["bpe"], "preference", 0)
 
 
 def test_column_mapping_names_a_missing_column(tmp_path, toks):
@@ -353,7 +339,7 @@ def test_column_mapping_names_a_missing_column(tmp_path, toks):
         ValueError,
         re.escape("data.train[0] rows.jsonl: column mapping names ['question'], not in the columns"),
     ):
-        load_examples(cfg.data, cfg.data.train, toks["plain"], "preference", 0)
+        load_examples(cfg.data, cfg.data.train, toks["bpe"], "preference", 0)
 
 
 BAD_ROWS = {
@@ -379,7 +365,7 @@ BAD_ROWS = {
 @pytest.mark.parametrize("row, message", BAD_ROWS.values(), ids=BAD_ROWS.keys())
 def test_bad_row_names_file_row_and_fix(tmp_path, toks, row, message):
     with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}; fix the row or set data.on_bad_row: skip")):  # fmt: skip
-        load(tmp_path, [STANDARD, row], toks["chat"])
+        load(tmp_path, [STANDARD, row], toks["bpe_chat"])
 
 
 @pytest.mark.parametrize(
@@ -398,17 +384,17 @@ def test_bad_row_names_file_row_and_fix(tmp_path, toks, row, message):
 def test_bad_sft_row(tmp_path, toks, row, message):
     good = {"prompt": "sort alpha", "completion": "one"}
     with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}")):
-        load(tmp_path, [good, row], toks["chat"], mode="sft")
+        load(tmp_path, [good, row], toks["bpe_chat"], mode="sft")
 
 
 def test_bad_eval_row_names_the_eval_source(tmp_path, toks):
     with fails(ValueError, re.escape("data.eval[0] eval.jsonl row 1: 'prompt' is empty")):
-        load(tmp_path, [STANDARD], toks["plain"], eval_rows=[{"prompt": "", "chosen": "a", "rejected": "b"}])
+        load(tmp_path, [STANDARD], toks["bpe"], eval_rows=[{"prompt": "", "chosen": "a", "rejected": "b"}])
 
 
 def test_bad_rows_skipped_and_counted_by_kind(tmp_path, toks):
     rows = [STANDARD] + [row for row, _ in BAD_ROWS.values()]
-    exs, summary = load(tmp_path, rows, toks["chat"], on_bad_row="skip")
+    exs, summary = load(tmp_path, rows, toks["bpe_chat"], on_bad_row="skip")
     assert len(exs) == 1 and summary.read == 1 + len(BAD_ROWS)
     assert summary.skipped == {
         "missing_column": 2, "not_a_string": 1, "empty": 3, "chosen_equals_rejected": 1,
@@ -423,7 +409,7 @@ def test_all_rows_bad_with_skip_is_an_error(tmp_path, toks):
         ValueError,
         r"no usable rows in \[.*rows\.jsonl'\]: data: 11 rows read, 0 kept.*skipped bad rows \{.*fix the rows",
     ):
-        load(tmp_path, rows, toks["chat"], on_bad_row="skip")
+        load(tmp_path, rows, toks["bpe_chat"], on_bad_row="skip")
 
 
 def test_conversational_rows_without_chat_template_fail_even_with_skip(tmp_path, toks):
@@ -433,7 +419,7 @@ def test_conversational_rows_without_chat_template_fail_even_with_skip(tmp_path,
     )
     for on_bad_row in ("error", "skip"):
         with fails(ValueError, re.escape(message)):
-            load(tmp_path, [STANDARD, row], toks["plain"], on_bad_row=on_bad_row)
+            load(tmp_path, [STANDARD, row], toks["bpe"], on_bad_row=on_bad_row)
 
 
 # ----------------------------------------------------------------------------- data: truncation
@@ -444,7 +430,7 @@ SAME_START = {"prompt": "alpha", "chosen": "one two one", "rejected": "one two r
 
 
 def test_pair_with_nothing_left_after_truncation_is_dropped_and_counted(tmp_path, toks):
-    exs, summary = load(tmp_path, [STANDARD, SAME_START], toks["plain"], max_length=3, max_prompt_length=1)
+    exs, summary = load(tmp_path, [STANDARD, SAME_START], toks["bpe"], max_length=3, max_prompt_length=1)
     assert len(exs) == 1 and summary.read == 2 and summary.dropped == {"identical_after_truncation": 1}
 
 
@@ -452,7 +438,7 @@ def test_every_pair_dropped_by_truncation_is_an_error(tmp_path, toks):
     with fails(
         ValueError, r"no usable rows .* dropped \{'identical_after_truncation': 1\}.*raise data\.max_length"
     ):
-        load(tmp_path, [SAME_START], toks["plain"], max_length=3, max_prompt_length=1)
+        load(tmp_path, [SAME_START], toks["bpe"], max_length=3, max_prompt_length=1)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed configs

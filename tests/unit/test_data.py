@@ -10,22 +10,8 @@ import pytest
 from rainbowpo.config import load_config
 from rainbowpo.data.sampler import StepPlanner, token_budget_grad_accum
 from rainbowpo.data.tokenize import load_examples
-from rainbowpo.tiny import CHATML_TEMPLATE, train_bpe, train_sentencepiece
 
 WORDS = "alpha beta gamma one two red blue sort héllo".split()
-
-
-@pytest.fixture(scope="module")
-def toks(tmp_path_factory):
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
-    d = tmp_path_factory.mktemp("tok")
-    return {
-        "sp": train_sentencepiece(texts, str(d / "sp")),
-        "sp_chat": train_sentencepiece(texts, str(d / "spc"), chat_template=CHATML_TEMPLATE),
-        "bpe": train_bpe(texts, str(d / "bpe")),
-        "bpe_chat": train_bpe(texts, str(d / "bpec"), chat_template=CHATML_TEMPLATE),
-    }
 
 
 def write_jsonl(path, rows):

@@ -61,7 +61,7 @@ def test_all_layouts_match_naive_values_and_gradients(arch):
     for name, (req, packing, share) in LAYOUTS.items():
         model = tiny(arch, select_attention(req, packing, share))
         batch = collate(exs, packing=packing, share_prompt=share, pad_id=0)
-        lp, ent = SequenceScorer(model, chunk_size=3)(batch, with_entropy=True)
+        lp, ent = SequenceScorer(model, chunk_size=3, keep_logits_mb=0)(batch, with_entropy=True)
         torch.testing.assert_close(lp, ref_lp.detach(), atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(ent, ref_ent.detach(), atol=1e-5, rtol=0, msg=name)
         lp.sum().backward()
@@ -69,13 +69,13 @@ def test_all_layouts_match_naive_values_and_gradients(arch):
             torch.testing.assert_close(p.grad, ref_grad[n], atol=1e-5, rtol=1e-4, msg=f"{name} {n}")
 
 
-def test_chunk_size_does_not_change_values_or_gradients():
+def test_chunking_and_recompute_do_not_change_values_or_gradients():
     exs = examples(4, seed=3)
     batch = collate(exs, packing=True, pad_id=0)
     results = []
-    for chunk in (1, 5, 4096):
+    for chunk, keep_mb in ((1, 0), (5, 0), (4096, 0), (5, 512)):  # keep 0: chunks recomputed in backward
         model = tiny("llama", select_attention("packed_sdpa"))
-        lp, _ = SequenceScorer(model, chunk_size=chunk)(batch)
+        lp, _ = SequenceScorer(model, chunk_size=chunk, keep_logits_mb=keep_mb)(batch)
         lp.sum().backward()
         results.append((lp.detach(), model.lm_head.weight.grad.clone()))
     for lp, grad in results[1:]:
