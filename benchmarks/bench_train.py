@@ -1,0 +1,253 @@
+"""Throughput and memory of our trainer against TRL and the bare bound, side by side in one run.
+
+    python benchmarks/bench_train.py                       # all configs once, table printed
+    python benchmarks/bench_train.py --repeat 3 --write    # 3 runs each, appended to docs/benchmarks.md
+    python benchmarks/bench_train.py --only ours-dpo-cached,bare-bound
+
+Workload: ../shared/bench/make_workload.py (256 pairs, random tiny Llama, vocab 8192, 95,506 tokens), made
+once under --workload. Every config runs in its own process on identical batches: 8 pairs per step, one
+epoch (32 steps), fp32, 2 threads, the order of TRL's sampler (torch.randperm seeded 0; ours reads the
+rows in that order with train.shuffle false). tokens/s = the workload's non-pad tokens / wall seconds.
+
+Wall clock, like the anchors: models are loaded before the clock; tokenization and every training step are
+on it. For the cached reference the one-off cache pass is reported as cache_s and not on the wall clock
+(TRL's precompute variant counts it; ours is reused across runs). The losses of ours and TRL's must agree
+(same math, same batches): the table shows both, and --check fails the run when they differ by > 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT.parent / "shared" / "bench"
+OURS = {  # name → config overrides on top of common_overrides(); data.share_prompt unset = our default (on)
+    "ours-dpo-online": {"objective.preset": "dpo", "reference.mode": "online"},
+    "ours-dpo-online-unshared": {
+        "objective.preset": "dpo",
+        "reference.mode": "online",
+        "data.share_prompt": False,
+    },
+    "ours-dpo-cached-unshared": {
+        "objective.preset": "dpo",
+        "reference.mode": "cached",
+        "data.share_prompt": False,
+    },
+    "ours-dpo-cached-shared": {
+        "objective.preset": "dpo",
+        "reference.mode": "cached",
+        "data.share_prompt": True,
+    },
+    "ours-rainbowpo-online": {"objective.preset": "rainbowpo", "reference.mode": "online"},
+    "ours-simpo": {"objective.preset": "simpo", "reference.mode": "none"},
+}
+ANCHORS = {
+    "trl-sigmoid": [str(BENCH / "trl_anchor.py"), "--config", "trl-sigmoid"],
+    "bare-bound": [str(BENCH / "bare_bound.py")],
+}
+ORDER = ["trl-sigmoid", "bare-bound", *OURS]
+
+
+def common_overrides(workload: Path, out: Path) -> dict:
+    """The settings of the TRL anchor, in our config keys."""
+    return {
+        "model.path": workload / "model+tokenizer", "model.dtype": "fp32", "model.gradient_checkpointing": False,
+        "data.train": workload / "train_trl_order.jsonl", "data.max_length": 512, "data.max_prompt_length": 256,
+        "train.global_batch_pairs": 8, "train.micro_batch_pairs": 8, "train.epochs": 1, "train.shuffle": False,
+        "train.lr": 5e-6, "train.lr_schedule": "linear", "train.warmup_ratio": 0.0, "train.seed": 0,
+        "objective.beta": 0.1, "reference.offload": False, "reference.cache_dir": out / "cache",
+        "deepspeed.config": "zero0", "output.dir": out, "output.checkpoints": False, "output.export": False,
+        "logging.progress": False,
+    }  # fmt: skip
+
+
+def prepare_workload(workload: Path) -> dict:
+    """Make the shared workload once; add a model folder holding the tokenizer and the rows in TRL's order."""
+    if not (workload / "workload.json").exists():
+        subprocess.run([sys.executable, str(BENCH / "make_workload.py"), "--out", str(workload)], check=True)
+    combined = workload / "model+tokenizer"
+    if not combined.exists():
+        combined.mkdir()
+        for folder in ("model", "tokenizer"):
+            for f in (workload / folder).iterdir():
+                (combined / f.name).symlink_to(f.resolve())
+    ordered = workload / "train_trl_order.jsonl"
+    if not ordered.exists():
+        import torch
+
+        rows = (workload / "train.jsonl").read_text().splitlines()
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+        ordered.write_text("".join(rows[i] + "\n" for i in order))
+    return json.loads((workload / "workload.json").read_text())
+
+
+def run_ours(name: str, workload: Path, out: Path) -> dict:
+    """One of OURS in this process (one rank, ZeRO-0): the JSON line of the anchors, plus our breakdown."""
+    import torch
+
+    from rainbowpo import train
+    from rainbowpo.config import load_config
+    from rainbowpo.metrics import read_metrics
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh reference cache: its pass is measured every time
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("BENCH_PORT", "29533"))  # fmt: skip
+    torch.set_num_threads(2)
+    overrides = {**common_overrides(workload, out), **OURS[name]}
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    run = train.setup(cfg)
+    t0 = time.perf_counter()
+    train.loop(run)
+    loop_s = time.perf_counter() - t0
+    wall = loop_s + run.timings["data_s"]
+    wl = json.loads((workload / "workload.json").read_text())
+    losses = [r["loss"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r]
+    first = read_metrics(str(out / "metrics.jsonl"))[0]
+    return {
+        "config": name, "wall_s": round(wall, 2), "tokens_per_s": round(wl["train_tokens"] / wall, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "final_loss": round(losses[-1], 5), "mean_train_loss": round(statistics.fmean(losses), 5),
+        "steps": len(losses), "first_batch_mean_chosen_logp": round(first["logps/chosen"], 1),
+        "data_s": round(run.timings["data_s"], 2), "loop_s": round(loop_s, 2),
+        "cache_s": round(run.timings.get("reference_s", 0.0), 2) if cfg.reference.mode == "cached" else 0.0,
+    }  # fmt: skip
+
+
+def run_config(name: str, workload: Path, scratch: Path) -> dict:
+    """Each config in a fresh process; the last stdout line is its JSON result."""
+    out = scratch / name
+    if name in ANCHORS:
+        cmd = [sys.executable, *ANCHORS[name], "--workload", str(workload)]
+        if name.startswith("trl"):
+            cmd += ["--out-dir", str(out)]
+    else:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--ours",
+            name,
+            "--workload",
+            str(workload),
+            "--scratch",
+            str(scratch),
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """Median over repeats per config and the ratios to TRL and to the bare bound."""
+    rows = []
+    for name, runs in results.items():
+        row = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "tokens_per_s", "peak_rss_mib")}
+        row.update(config=name, runs=len(runs), mean_train_loss=runs[0].get("mean_train_loss"),
+                   cache_s=runs[0].get("cache_s", runs[0].get("precompute_s", 0.0)))  # fmt: skip
+        rows.append(row)
+    by_name = {r["config"]: r for r in rows}
+    for r in rows:
+        for anchor, key in (("trl-sigmoid", "vs_trl"), ("bare-bound", "vs_bare")):
+            if anchor in by_name:
+                r[key + "_speed"] = r["tokens_per_s"] / by_name[anchor]["tokens_per_s"]
+                r[key + "_rss"] = r["peak_rss_mib"] / by_name[anchor]["peak_rss_mib"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| config | wall s | tokens/s | peak RSS MiB | × TRL speed | × TRL RSS | × bare speed | wall / bare "
+            "| mean loss | cache s |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    lines = [head]
+    for r in rows:
+        wall_vs_bare = 1 / r["vs_bare_speed"] if r.get("vs_bare_speed") else None
+        lines.append(
+            f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} "
+            f"| {fmt(r.get('vs_trl_speed'), '.2f')} | {fmt(r.get('vs_trl_rss'), '.2f')} "
+            f"| {fmt(r.get('vs_bare_speed'), '.2f')} | {fmt(wall_vs_bare, '.2f')} "
+            f"| {fmt(r['mean_train_loss'], '.5f')} | {fmt(r['cache_s'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def loss_check(rows: list[dict], tolerance: float = 1e-3) -> list[str]:
+    """DPO configs of ours must reproduce TRL's mean training loss (same math, same batches)."""
+    by_name = {r["config"]: r for r in rows}
+    if "trl-sigmoid" not in by_name:
+        return []
+    trl = by_name["trl-sigmoid"]["mean_train_loss"]
+    return [f"{n}: mean loss {by_name[n]['mean_train_loss']} vs TRL {trl}" for n in by_name
+            if n.startswith("ours-dpo") and abs(by_name[n]["mean_train_loss"] - trl) > tolerance]  # fmt: skip
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("deepspeed", "transformers", "trl"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "absent"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; " + ", ".join(
+        f"{k} {v}" for k, v in versions.items()
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", type=Path, default=ROOT / "runs" / "bench" / "workload")
+    p.add_argument("--scratch", type=Path, default=ROOT / "runs" / "bench" / "scratch")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {ORDER}")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
+    p.add_argument("--check", action="store_true", help="exit 1 when our DPO loss differs from TRL's")
+    p.add_argument("--ours", help=argparse.SUPPRESS)  # internal: run one of ours in this process
+    args = p.parse_args(argv)
+    if args.ours:
+        print(json.dumps(run_ours(args.ours, args.workload, args.scratch / args.ours)))
+        return
+    names = [n for n in args.only.split(",") if n] or ORDER
+    unknown = sorted(set(names) - set(ORDER))
+    if unknown:
+        p.error(f"unknown configs {unknown}; choose from {ORDER}")
+    prepare_workload(args.workload)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for k in range(args.repeat):
+        for name in names:
+            result = run_config(name, args.workload, args.scratch)
+            results[name].append(result)
+            print(f"[{k + 1}/{args.repeat}] {name}: {json.dumps(result)}", flush=True)
+    rows = summarize(results)
+    text = table(rows)
+    print(text)
+    mismatches = loss_check(rows)
+    for line in mismatches:
+        print("LOSS MISMATCH", line)
+    if args.write:
+        command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(f"\n### {stamp}: `{command}`\n\n{machine()}. Median of {args.repeat} run(s).\n\n{text}\n")
+    if args.check and mismatches:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
