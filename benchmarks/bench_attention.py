@@ -1,6 +1,6 @@
 """Packed attention on CPU: per-segment sdpa vs. one 4D block-diagonal mask vs. padding, same batches.
 
-    python benchmarks/bench_attention.py [--workload runs/bench/workload] [--steps 8]
+    python benchmarks/bench_attention.py [--workload runs/bench/workload] [--steps 8] [--layouts a,b]
 
 Policy forward + backward through `SequenceScorer` on the shared workload's model and the first
 `--steps` batches of 8 pairs (as bench_train.py), 2 threads; prints seconds per batch for each layout.
@@ -42,6 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", type=Path, default=ROOT / "runs" / "bench" / "workload")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated subset of {list(LAYOUTS)}")
     args = p.parse_args()
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
@@ -53,7 +54,8 @@ def main() -> None:
     examples, _ = load_examples(cfg.data, cfg.data.train, tokenizer, "preference", 0)
     batches = [examples[i : i + 8] for i in range(0, 8 * args.steps, 8)]
     results = {}
-    for name, (request, packing, share) in LAYOUTS.items():
+    for name in args.layouts.split(","):
+        request, packing, share = LAYOUTS[name]
         attn = select_attention(request, packing, share)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
         scorer = SequenceScorer(model)

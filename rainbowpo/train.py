@@ -267,14 +267,15 @@ def train_step(run: Run, step: int) -> dict:
     epoch, index = divmod(step, run.planner.steps_per_epoch)
     micro_batches = run.planner.micro_batches(epoch, index, run.dist.rank)
     step_pairs = run.planner.pairs_in_step(epoch, index)
-    sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=run.dist.device)  # stays on device
     clock = Throughput()
     for indices in micro_batches:
         batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in indices]).to(run.dist.device)
         losses, metrics = compute_losses(run, batch, train=True)
         run.policy.backward(losses.sum() * (run.dist.world_size / step_pairs))
-        sums += torch.cat([metrics, torch.tensor([float(batch.num_tokens)], dtype=torch.float64)])
-    ds.all_reduce_sum(sums)
+        sums[:-1] += metrics
+        sums[-1] += batch.num_tokens
+    sums = ds.all_reduce_sum(sums).cpu()  # the step's one host synchronization
     finite_loss = bool(torch.isfinite(sums[0]))
     if not finite_loss and run.cfg.train.on_nan == "stop":
         raise_non_finite(run, f"step {step + 1}", micro_batches, "loss")
@@ -303,7 +304,7 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
     n = batch.seq_tokens.to(logp.dtype)
     if run.objective is None:  # SFT: token-mean NLL per example, mean over examples
         losses = -logp / n
-        metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=logp.device)
         metrics[0], metrics[5] = losses.detach().sum(), logp.detach().sum()
         return losses, metrics
     ref_logp, ref_entropy = run.reference.stats(batch)
@@ -322,7 +323,7 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
     margins = out.chosen_rewards - out.rejected_rewards
     values = [out.losses.detach(), out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).to(margins.dtype),
               logp[0::2].detach(), logp[1::2].detach(), out.phi]  # fmt: skip
-    return out.losses, torch.stack([v.double().sum() for v in values]).cpu()
+    return out.losses, torch.stack([v.double().sum() for v in values])
 
 
 @torch.no_grad()
@@ -332,14 +333,14 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
     chunks = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)][:limit]
     mine = chunks[run.dist.rank :: world]
     n_forwards = (len(chunks) + world - 1) // world
-    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=run.dist.device)
     for i in range(n_forwards):
         chunk = mine[i] if i < len(mine) else chunks[0]  # a repeat keeps collectives in step; not counted
         batch = make_batch(run.cfg, run.tokenizer, [examples[j] for j in chunk]).to(run.dist.device)
         _, metrics = compute_losses(run, batch, train=False)
         if i < len(mine):
             sums += metrics
-    ds.all_reduce_sum(sums)
+    sums = ds.all_reduce_sum(sums).cpu()
     count = sum(len(c) for c in chunks)
     return dict(zip(METRIC_KEYS, (sums / max(1, count)).tolist()))
 
