@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -84,13 +85,9 @@ class Stages:
         log = self.work / f"{folder.name}.log"
         print(f"[demo] {folder.name}: {' '.join(cmd)}\n[demo]   log: {log}", flush=True)
         argv = [c.replace("{port}", str(free_port())) for c in cmd]
-        with open(log, "w") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)  # fmt: skip
-            for line in proc.stdout:
-                out.write(line)
-                if line.lstrip().startswith(SHOWN):
-                    print("   ", line.rstrip()[-160:], flush=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            relay(proc.stdout, out)
         if proc.wait() != 0:
             sys.exit(f"[demo] {folder.name} failed (exit {proc.returncode}); the end of {log}:\n{_tail(log)}")
         self.stamp(folder, cmd)
@@ -99,6 +96,26 @@ class Stages:
         (folder / STAMP).write_text(json.dumps(cmd))
 
 
+def relay(stream, log) -> None:
+    """Copy a child's output to its log; echo the key lines, and its progress bars in place on a terminal."""
+    pending, bar_open, tty = b"", False, sys.stdout.isatty()
+    while chunk := stream.read1(65536):
+        log.write(chunk)
+        *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+        for piece in pieces:
+            text = piece.decode(errors="replace").rstrip()
+            if tty and PROGRESS.search(text):
+                sys.stdout.write("\r    " + text[-150:].ljust(150))
+                bar_open = True
+            elif text.lstrip().startswith(SHOWN):
+                print(("\n" if bar_open else "") + "    " + text[-160:])
+                bar_open = False
+            sys.stdout.flush()
+    if bar_open:
+        print()
+
+
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 SHOWN = (
     "data: ",
