@@ -76,6 +76,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits with live gloo/NCCL threads can abort in C++
+    ("terminate called without an active exception") and fail a finished run."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)

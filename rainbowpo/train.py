@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {exc}")
     try:
         train(cfg)
+        ds.shutdown()
     except USER_ERRORS as exc:  # our one-line messages: data, checkpoints, caches, NaN
         if os.environ.get("RAINBOWPO_TRACEBACK"):
             raise

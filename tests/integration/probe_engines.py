@@ -1,14 +1,13 @@
-"""Run under `deepspeed --num_accelerators 2`: print each rank's partitioned parameter counts and the
-policy's log-probs on the first micro-batch, then export — the test compares them with a reload."""
+"""Run under `deepspeed --num_accelerators 2`: write each rank's partitioned parameter counts and the
+policy's log-probs on the first micro-batch into output.dir/probe_rank{r}.json, then export — the test
+compares them with a reload."""
 
 import json
 import sys
 
-import torch
-
 from rainbowpo import train
 from rainbowpo.config import load_config
-from rainbowpo.engine import partitioned_numel
+from rainbowpo.engine import partitioned_numel, shutdown
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -24,6 +23,7 @@ if __name__ == "__main__":
         "reference": run.reference.ref.partitioned_numel(),
         "logp": logp.tolist(),
     }
-    print("PROBE " + json.dumps(report), flush=True)
+    with open(f"{cfg.output.dir}/probe_rank{run.dist.rank}.json", "w") as f:  # not stdout: ranks interleave
+        json.dump(report, f)
     train.export(run, cfg.output.dir + "/final")
-    torch.distributed.barrier()
+    shutdown()
