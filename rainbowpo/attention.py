@@ -89,23 +89,26 @@ def _check_supported(kwargs: dict) -> None:
 
 
 def _split_at(x: torch.Tensor, cuts: list[int]) -> dict[int, torch.Tensor]:
-    """Pieces of x [H, T, D] along T between consecutive cuts, keyed by their start.
+    """Pieces of x [1, H, T, D] along T between consecutive cuts, keyed by their start.
 
     One `split` instead of many slices: the backward of a slice writes a full-size zero tensor, so
     slicing every segment out of a long row costs O(segments x T) in backward; a split costs O(T).
     """
-    pieces = x.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)
+    pieces = x.split([b - a for a, b in zip(cuts, cuts[1:])], dim=2)
     return dict(zip(cuts, pieces))
 
 
 def _span(pieces: dict[int, torch.Tensor], cuts: list[int], a: int, b: int) -> torch.Tensor:
     parts = [pieces[c] for c in cuts[cuts.index(a) : cuts.index(b)]]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _attend_row(q, k, v, segments: list[Segment], dropout: float, scaling, window, gqa: bool) -> torch.Tensor:
-    """One packed row: q [H, T, D], k/v [Hkv, T, D] → [H, T, D]."""
-    width = q.shape[1]
+    """One packed row: q [1, H, T, D], k/v [1, Hkv, T, D] → [1, H, T, D].
+
+    Kept 4D: with 3D inputs torch's CPU sdpa falls back to its math kernel (~30 % slower fwd + bwd).
+    """
+    width = q.shape[2]
     cuts = sorted({0, width, *(x for seg in segments for x in seg)})
     qs, ks, vs = _split_at(q, cuts), _split_at(k, cuts), _split_at(v, cuts)
     out, covered = [], 0
@@ -113,8 +116,8 @@ def _attend_row(q, k, v, segments: list[Segment], dropout: float, scaling, windo
         n, ctx = end - start, c1 - c0
         keys, values = _span(ks, cuts, start, end), _span(vs, cuts, start, end)
         if ctx > 0:  # also sees a context block (the shared prompt)
-            keys = torch.cat([_span(ks, cuts, c0, c1), keys], dim=1)
-            values = torch.cat([_span(vs, cuts, c0, c1), values], dim=1)
+            keys = torch.cat([_span(ks, cuts, c0, c1), keys], dim=2)
+            values = torch.cat([_span(vs, cuts, c0, c1), values], dim=2)
         mask = segment_mask(n, ctx, window, q.device) if ctx > 0 or (window and n > window) else None
         out.append(
             F.scaled_dot_product_attention(
@@ -130,8 +133,8 @@ def _attend_row(q, k, v, segments: list[Segment], dropout: float, scaling, windo
         )
         covered = end
     if covered < width:  # padding after the last segment
-        out.append(q.new_zeros(q.shape[0], width - covered, q.shape[2]))
-    return torch.cat(out, dim=1)
+        out.append(q.new_zeros(*q.shape[:2], width - covered, q.shape[3]))
+    return torch.cat(out, dim=2)
 
 
 def packed_sdpa_attention(
@@ -156,10 +159,11 @@ def packed_sdpa_attention(
     _check_supported(kwargs)
     gqa = query.shape[1] != key.shape[1]
     rows = [
-        _attend_row(query[r], key[r], value[r], row_segments, dropout, scaling, sliding_window, gqa)
-        for r, row_segments in enumerate(segments)
+        _attend_row(q, k, v, row_segments, dropout, scaling, sliding_window, gqa)
+        for q, k, v, row_segments in zip(query.split(1), key.split(1), value.split(1), segments)
     ]
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+    out = rows[0] if len(rows) == 1 else torch.cat(rows)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def block_mask_4d(
