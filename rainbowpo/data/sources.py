@@ -11,6 +11,8 @@ import os
 import random
 from dataclasses import dataclass
 
+import datasets
+
 from rainbowpo.config import SourceConfig
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -25,8 +27,6 @@ class SourceRow:
 
 def read_source(src: SourceConfig):
     """A `datasets.Dataset` for one source (same code path for local files, folders and hub names)."""
-    import datasets
-
     datasets.disable_progress_bars()
     path = src.path
     if os.path.isdir(path):
