@@ -54,8 +54,12 @@ OURS = {  # name → config overrides on top of common_overrides(); data.share_p
 ANCHORS = {
     "trl-sigmoid": [str(BENCH / "trl_anchor.py"), "--config", "trl-sigmoid"],
     "bare-bound": [str(BENCH / "bare_bound.py")],
+    "bare-bound-retain": [str(BENCH / "bare_bound.py")],
 }
-ORDER = ["trl-sigmoid", "bare-bound", *OURS]
+# The bound again with the allocator setting our trainer makes on CPU (rainbowpo.host), as glibc tunables:
+# how much of our lead over the bound is that setting rather than the training path.
+ANCHOR_ENV = {"bare-bound-retain": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}}
+ORDER = ["trl-sigmoid", "bare-bound", "bare-bound-retain", *OURS]
 
 
 def common_overrides(workload: Path, out: Path) -> dict:
@@ -141,7 +145,12 @@ def run_config(name: str, workload: Path, scratch: Path) -> dict:
             "--scratch",
             str(scratch),
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+        **ANCHOR_ENV.get(name, {}),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -177,6 +177,9 @@ class TrainSection:
     keep_logits_mb: float = 512
     """A micro-batch's LM-head logits (response positions × vocab × 4 bytes) up to this size stay in memory
     for backward; larger ones are computed in chunks of logprob_chunk and recomputed in backward."""
+    retain_host_memory: bool = True
+    """CPU training on glibc: keep freed memory in the process for reuse instead of handing it back to the
+    OS, so large tensors are not page-faulted in anew every step (~10 % faster here; RSS does not shrink)."""
 
     def __post_init__(self) -> None:
         for key in ("global_batch_pairs", "micro_batch_pairs", "epochs", "logprob_chunk"):

@@ -30,6 +30,7 @@ from rainbowpo.config import Config, ConfigError, load_config
 from rainbowpo.data.collate import collate
 from rainbowpo.data.sampler import StepPlanner, token_budget_grad_accum
 from rainbowpo.data.tokenize import load_examples
+from rainbowpo.host import retain_freed_memory
 from rainbowpo.logprobs import vocab_size
 from rainbowpo.metrics import MetricsLogger, Throughput
 from rainbowpo.objective import preference_loss
@@ -132,6 +133,8 @@ def setup(cfg: Config) -> Run:
     dist = ds.init_distributed()
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
+    if dist.device.type == "cpu" and cfg.train.retain_host_memory:
+        retain_freed_memory()  # no page faults for each step's large tensors
     clock = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     mode = cfg.train.mode
