@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from rainbowpo.host import retain_env  # ctypes only: the benchmark driver stays light
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
 OURS = {  # name → config overrides on top of common_overrides(); data.share_prompt unset = our default (on)
@@ -58,7 +60,7 @@ ANCHORS = {
 }
 # The bound again with the allocator setting our trainer makes on CPU (rainbowpo.host), as glibc tunables:
 # how much of our lead over the bound is that setting rather than the training path.
-ANCHOR_ENV = {"bare-bound-retain": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}}
+ANCHOR_ENV = {"bare-bound-retain": retain_env()}
 ORDER = ["trl-sigmoid", "bare-bound", "bare-bound-retain", *OURS]
 
 

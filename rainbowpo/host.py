@@ -15,7 +15,15 @@ import ctypes
 import ctypes.util
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
-_RETAIN = ((M_TRIM_THRESHOLD, 2**31 - 1), (M_MMAP_MAX, 0))
+_RETAIN = (  # (mallopt option, the same as a glibc environment tunable, value)
+    (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 2**31 - 1),
+    (M_MMAP_MAX, "MALLOC_MMAP_MAX_", 0),
+)
+
+
+def retain_env() -> dict[str, str]:
+    """The same setting for another process, as environment variables (benchmarks/bench_train.py)."""
+    return {name: str(value) for _, name, value in _RETAIN}
 
 
 def retain_freed_memory() -> bool:
@@ -25,4 +33,4 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(option, value) == 1 for option, value in _RETAIN)
+    return all(mallopt(option, value) == 1 for option, _, value in _RETAIN)
