@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.common import done_ids, parse_shard, prompt_ids_of, read_jsonl, row_prompt, write_part
+from rainbowpo.data.render import prompt_ids, render_prompt
 from rainbowpo.fingerprint import model_fingerprint
 
 
@@ -38,10 +39,7 @@ def sampler_settings(args) -> dict:
 
 
 def prompt_text(tokenizer, row: dict) -> str:
-    prompt = row_prompt(row)
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return prompt
+    return render_prompt(tokenizer, row_prompt(row))
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -50,9 +48,7 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 
 @torch.no_grad()
 def sample_hf(model, tokenizer, row: dict, settings: dict) -> list[str]:
-    from rainbowpo.data.tokenize import encode_prompt
-
-    ids = torch.tensor([encode_prompt(tokenizer, prompt_text(tokenizer, row))])
+    ids = torch.tensor([prompt_ids(tokenizer, row_prompt(row))])
     torch.manual_seed(prompt_seed(settings["seed"], row["id"]))
     greedy = settings["temperature"] <= 0
     out = model.generate(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rainbowpo.data import render
+
 
 class BadRow(ValueError):
     """A row that cannot be used; `kind` names the problem for the skip counters."""
@@ -117,9 +119,12 @@ def _messages(row: dict, key: str) -> list[dict]:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise BadRow("no_chat_template", "conversational rows need a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return render.render_prompt(tokenizer, messages)
+    except render.NoChatTemplate:
+        raise BadRow(
+            "no_chat_template", "conversational rows need a tokenizer with a chat template"
+        ) from None
 
 
 def _render_response(tokenizer, prompt_msgs: list[dict], response_msgs: list[dict], key: str) -> str:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from rainbowpo.config import DataConfig, SourceConfig
 from rainbowpo.data.formats import BadRow, row_texts
+from rainbowpo.data.render import encode_prompt
 from rainbowpo.data.sources import load_rows
 
 
@@ -120,20 +121,6 @@ def load_examples(
             "fix the rows (see the skip counts) or raise data.max_length (see the drop counts)"
         )
     return examples, summary
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    bos = tokenizer.bos_token
-    already_has_bos = bool(bos) and text.startswith(bos)
-    ids = tokenizer(text, add_special_tokens=not already_has_bos).input_ids
-    if (
-        tokenizer.eos_token_id is not None
-        and ids
-        and ids[-1] == tokenizer.eos_token_id
-        and not text.endswith(tokenizer.eos_token or "\0")
-    ):
-        ids = ids[:-1]  # tokenizers that append EOS to every encode: the prompt must not end the sequence
-    return ids
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
