@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--procs", type=int, default=1)
     p.add_argument("--reward", default=None)
     p.add_argument("--reward-model", default=None)
-    p.add_argument("--method", choices=["rso", "best_worst", "all_pairs"], default="rso")
+    p.add_argument("--method", choices=select.METHODS, default="rso")
+    p.add_argument("--pairing", choices=select.PAIRINGS, default="first_round")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--beta-rso", type=float, default=0.5)
     p.add_argument("--min-gap", type=float, default=0.0)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     score.score(os.path.join(args.out, "candidates"), os.path.join(args.out, "scored"), scorer)
     pairs = os.path.join(args.out, "pairs.jsonl")
     summary = select.select(os.path.join(args.out, "scored"), pairs, args.method, args.k, args.beta_rso,
-                            args.min_gap, args.seed)  # fmt: skip
+                            args.min_gap, args.seed, args.pairing)  # fmt: skip
     print("data prep summary: " + json.dumps(summary) + f"\npairs: {pairs}")
     return summary
 

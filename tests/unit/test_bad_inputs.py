@@ -739,3 +739,23 @@ def test_ds_config_auto_inside_a_list(train_section):
 def test_model_folder_without_config(tmp_path):
     with fails(ConfigError, "cannot load model"):
         load_causal_lm(str(tmp_path), load_config(None, BASE), {"zero_optimization": {"stage": 0}}, "eager")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pairing": "swiss"}, r"select: unknown pairing 'swiss'; choose one of \['first_round', 'tournament'\]"),
+        ({"method": "gumbel_topk", "beta": -1.0}, r"select: gumbel_topk needs --beta-rso > 0 and --k >= 2 \(a pair\), got beta -1.0"),
+        ({"beta": float("nan")}, r"select: rso needs --beta-rso > 0 and --k >= 2 \(a pair\), got beta nan, k 4"),
+    ],
+    ids=["unknown_pairing", "gumbel_beta_negative", "rso_beta_nan"],
+)  # fmt: skip
+def test_select_bad_pairing_and_sampler_arguments(tmp_path, kwargs, message):
+    write_part(
+        str(tmp_path / "scored"),
+        "0",
+        [{"id": "0", "prompt": "p", "candidates": ["a", "b"], "rewards": [1.0, 0.0]}],
+    )
+    args = {"method": "rso", "k": 4, "beta": 0.5, "min_gap": 0.0, "seed": 0, **kwargs}
+    with fails(ValueError, message):
+        select(str(tmp_path / "scored"), str(tmp_path / "pairs.jsonl"), **args)
