@@ -124,6 +124,7 @@ SHOWN = (
     "exported",
     "data prep summary",
     "generate: ",
+    "select [",
     "Error",
     "config error",
 )
