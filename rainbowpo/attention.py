@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 PACKED_SDPA = "rainbowpo_packed_sdpa"
+HALF_DTYPES = ("bf16", "fp16")
 CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "packed_sdpa", "packed_mask")
 Segment = tuple[int, int, int, int]  # (start, end, context_start, context_end)
 
@@ -32,20 +33,26 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def select_attention(requested: str, packing: bool = True, share_prompt: bool = False) -> str:
+def select_attention(
+    requested: str, packing: bool = True, share_prompt: bool = False, dtype: str = "bf16"
+) -> str:
     """The transformers `attn_implementation` for a request (config `model.attn_implementation`).
 
     `auto` → flash_attention_2 for plain packing when CUDA + flash-attn are present, per-segment sdpa
     for other packing, stock sdpa for padded batches. `packed_mask` maps to stock sdpa (the scorer then
-    passes a 4D mask). Requests that cannot keep packed sequences apart raise ValueError.
+    passes a 4D mask). `dtype` is model.dtype: flash-attn has no fp32 kernel, so `auto` never picks it for
+    fp32. Requests that cannot keep packed sequences apart raise ValueError.
     """
     if requested not in CHOICES:
         raise ValueError(f"model.attn_implementation must be one of {CHOICES}, got {requested!r}")
     if not packing:
         return "sdpa" if requested in ("auto", "packed_sdpa", "packed_mask") else requested
     if requested == "auto":
-        requested = "flash_attention_2" if flash_attn_available() and not share_prompt else "packed_sdpa"
+        flash = flash_attn_available() and not share_prompt and dtype in HALF_DTYPES
+        requested = "flash_attention_2" if flash else "packed_sdpa"
     if requested == "flash_attention_2":
+        if dtype not in HALF_DTYPES:
+            raise ValueError(f"flash_attention_2 runs in bf16 or fp16 only; model.dtype is {dtype}")
         if share_prompt:
             raise ValueError("data.share_prompt needs model.attn_implementation packed_sdpa or packed_mask")
         if not flash_attn_available():

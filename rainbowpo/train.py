@@ -124,7 +124,11 @@ def resolve_defaults(cfg: Config) -> Config:
     if cfg.data.share_prompt is not None:
         return cfg
     share = cfg.train.mode == "preference" and cfg.data.packing
-    share = share and select_attention(cfg.model.attn_implementation, True, False) != "flash_attention_2"
+    share = (
+        share
+        and select_attention(cfg.model.attn_implementation, True, False, cfg.model.dtype)
+        != "flash_attention_2"
+    )
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, share_prompt=share))
 
 
@@ -157,7 +161,9 @@ def setup(cfg: Config) -> Run:
     total_steps = planner.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    attn = select_attention(cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt)
+    attn = select_attention(
+        cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt, cfg.model.dtype
+    )
     objective = cfg.objective.build() if mode == "preference" else None
     clock = time.perf_counter()
     policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)

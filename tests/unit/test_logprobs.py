@@ -137,6 +137,11 @@ def test_select_attention(monkeypatch):
     assert select_attention("auto", share_prompt=True) == attention.PACKED_SDPA
     with pytest.raises(ValueError, match="share_prompt"):
         select_attention("flash_attention_2", share_prompt=True)
+    # flash-attn has no fp32 kernel: auto falls back to per-segment sdpa, an explicit request is an error
+    assert select_attention("auto", dtype="fp32") == attention.PACKED_SDPA
+    assert select_attention("auto", dtype="fp16") == "flash_attention_2"
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        select_attention("flash_attention_2", dtype="fp32")
 
 
 def test_vocab_size_is_head_output_dim():
