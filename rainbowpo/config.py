@@ -29,6 +29,28 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    """LoRA (Hu et al. 2021, arXiv:2106.09685): W + (alpha / r)·B·A on the target layers, base frozen."""
+
+    r: int = 0
+    """Adapter rank; 0 = LoRA off (full fine-tuning). Implied by model.adapter_path (its rank is used)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (0 keeps no extra activation copy; the reference pass never drops)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Layer names to adapt, e.g. [q_proj, v_proj]; empty = every linear layer of attention and MLP (found by
+    scanning the model, the LM head excluded)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapter (e.g. [lm_head] after adding tokens)."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 0, "model.lora.r", "must be >= 0 (0 = LoRA off)", self.r)
+        _require(self.alpha > 0, "model.lora.alpha", "must be > 0", self.alpha)
+        _require(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
     """Hugging Face model folder (or hub name) of the policy."""
@@ -42,9 +64,24 @@ class ModelConfig:
     """Recompute decoder layers in backward (less activation memory, ~30 % slower)."""
     trust_remote_code: bool = False
     """Run model code shipped inside the model folder. Off unless you trust the folder."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapter settings (docs/recipes.md, "LoRA and QLoRA"); off while model.lora.r is 0."""
+    adapter_path: str = ""
+    """Start from a trained LoRA adapter folder (PeftModel format); the reference is then that adapter."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 with bitsandbytes (needs CUDA and LoRA; ZeRO stage 0 or 2)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "is required (a Hugging Face model folder)", self.path)
+        if self.load_in_4bit and not self.uses_lora():
+            raise ConfigError(
+                "model.load_in_4bit: true trains an adapter on a frozen 4-bit base; "
+                "set model.lora.r (e.g. 16) or model.adapter_path"
+            )
+
+    def uses_lora(self) -> bool:
+        """Train a LoRA adapter (model.lora.r > 0 or model.adapter_path) instead of every weight."""
+        return self.lora.r > 0 or bool(self.adapter_path)
 
 
 @dataclass(frozen=True)
@@ -266,6 +303,11 @@ class Config:
                     f"reference.mode: none, but {need} needs a reference model; "
                     "set reference.mode to online or cached (or mix_alpha: 0 and contextual_scaling: false)"
                 )
+        if self.model.uses_lora() and self.reference.path:
+            raise ConfigError(
+                "reference.path: with LoRA the reference is the policy's own base (adapter off) or the starting "
+                "adapter (model.adapter_path); remove reference.path"
+            )
         if self.data.share_prompt and self.train.mode == "sft":
             raise ConfigError("data.share_prompt: only for preference pairs, not train.mode: sft")
         if self.data.format != "auto" and (self.data.format == "sft") != (self.train.mode == "sft"):

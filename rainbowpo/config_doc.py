@@ -17,6 +17,7 @@ from rainbowpo import config
 
 SECTIONS = {  # top-level key → dataclass (data.train/eval entries are SourceConfig)
     "model": config.ModelConfig,
+    "model.lora": config.LoraSection,
     "data": config.DataConfig,
     "data.train[i] / data.eval[i]": config.SourceConfig,
     "objective": config.ObjectiveSection,

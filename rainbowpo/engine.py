@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from rainbowpo import lora
 from rainbowpo.config import Config, ConfigError, TrainSection
 from rainbowpo.logprobs import SequenceScorer
 
@@ -201,6 +202,7 @@ def load_causal_lm(path: str, cfg: Config, ds_config: dict, attn_implementation:
             dtype=TORCH_DTYPES[cfg.model.dtype],
             attn_implementation=attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
+            **({"quantization_config": lora.quantization_config(cfg)} if cfg.model.load_in_4bit else {}),
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {path!r}: {str(exc).splitlines()[0]}") from None
@@ -236,9 +238,10 @@ def _lr_lambda(train: TrainSection, total_steps: int):
 class PolicyEngine:
     """The trained model: a DeepSpeed engine around SequenceScorer(policy)."""
 
-    def __init__(self, engine, hf_ds, ds_config: dict):
+    def __init__(self, engine, hf_ds, ds_config: dict, adapter_only: bool = False):
         self.engine, self._hf_ds, self.ds_config = engine, hf_ds, ds_config
         self._plain_norm: float | None = None
+        self.adapter_only = adapter_only  # LoRA: checkpoints hold the adapter and its optimizer state only
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, total_steps: int, attn_implementation: str):
@@ -252,9 +255,11 @@ class PolicyEngine:
         model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.uses_lora():
+            model = lora.wrap(model, cfg)
         scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb)
         t = cfg.train
-        optimizer = _adamw(scorer.parameters(), t)
+        optimizer = _adamw((p for p in scorer.parameters() if p.requires_grad), t)  # LoRA: the adapter only
 
         def schedule(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t, total_steps))
@@ -266,7 +271,7 @@ class PolicyEngine:
             config=ds_config,
             dist_init_required=False,
         )
-        return cls(engine, hf_ds, ds_config)
+        return cls(engine, hf_ds, ds_config, adapter_only=cfg.model.uses_lora())
 
     @property
     def scorer(self) -> SequenceScorer:
@@ -326,10 +331,12 @@ class PolicyEngine:
 
     def save(self, root: str, tag: str) -> None:
         """All ranks: DeepSpeed shards into root/tag (no `latest` file: completion is marked by the caller)."""
-        self.engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+        self.engine.save_checkpoint(
+            root, tag=tag, client_state={}, save_latest=False, exclude_frozen_parameters=self.adapter_only
+        )
 
     def load(self, root: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(root, tag=tag)
+        path, _ = self.engine.load_checkpoint(root, tag=tag, load_module_strict=not self.adapter_only)
         if path is None:
             raise RuntimeError(
                 f"checkpoint {os.path.join(root, tag)} could not be loaded (corrupt or incomplete)"

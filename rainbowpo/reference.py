@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rainbowpo import engine as ds
+from rainbowpo import lora
 from rainbowpo.config import Config
 from rainbowpo.fingerprint import model_fingerprint
 
@@ -42,6 +43,23 @@ class OnlineReference:
     def stats(self, batch):
         logp, entropy = self.ref.forward(batch, with_entropy=self.with_entropy)
         return logp.detach(), (entropy.detach() if entropy is not None else None)
+
+
+class AdapterReference:
+    """LoRA: π_ref is the policy itself with the adapter off (or the frozen starting adapter) — no second
+    model. Same `forward`/`release` as ReferenceEngine, so the online and cached paths take either."""
+
+    def __init__(self, policy: ds.PolicyEngine):
+        self.policy = policy
+
+    @torch.no_grad()
+    def forward(self, batch, with_entropy: bool):
+        model = self.policy.scorer.model
+        with lora.reference_weights(model):
+            return self.policy.evaluate(batch, with_entropy=with_entropy)  # eval mode: no dropout
+
+    def release(self) -> None:
+        """Nothing to free: the weights are the policy's."""
 
 
 class CachedReference:
@@ -66,18 +84,24 @@ def build_reference(
     make_batch: Callable,
     grad_accum: int,
     attn_implementation: str,
+    policy: ds.PolicyEngine | None = None,
 ):
+    """`policy` is needed with LoRA: its base weights (adapter off) are the reference."""
     mode = cfg.reference_mode()
     if mode == "none":
         return NoReference()
+
+    def make_ref():
+        if cfg.model.uses_lora():
+            return AdapterReference(policy)
+        return ds.ReferenceEngine.build(cfg, dist, grad_accum, attn_implementation)
+
     if mode == "online":
-        return OnlineReference(
-            ds.ReferenceEngine.build(cfg, dist, grad_accum, attn_implementation), with_entropy
-        )
+        return OnlineReference(make_ref(), with_entropy)
     key = cache_key(cfg, examples, with_entropy)
     folder = os.path.join(cfg.reference_cache_dir(), key)
     if not os.path.isfile(os.path.join(folder, "COMPLETE")):
-        ref = ds.ReferenceEngine.build(cfg, dist, grad_accum, attn_implementation)
+        ref = make_ref()
         logp, entropy = _reference_pass(
             ref, dist, examples, make_batch, cfg.train.micro_batch_pairs, with_entropy
         )
@@ -99,6 +123,10 @@ def cache_key(cfg: Config, examples: Sequence, with_entropy: bool) -> str:
         "truncation_keep_eos": cfg.data.truncation_keep_eos,
         "entropy": with_entropy,
     }
+    if cfg.model.adapter_path:  # LoRA from a trained adapter: π_ref is that adapter (a fresh one: the base)
+        settings["adapter"] = model_fingerprint(cfg.model.adapter_path)
+    if cfg.model.load_in_4bit:
+        settings["load_in_4bit"] = True
     h.update(json.dumps(settings, sort_keys=True).encode())
     for ex in examples:
         h.update(repr((ex.row_id, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)).encode())

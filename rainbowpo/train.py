@@ -25,6 +25,7 @@ import torch
 
 from rainbowpo import checkpoint as ckpt
 from rainbowpo import engine as ds
+from rainbowpo import lora
 from rainbowpo.attention import select_attention
 from rainbowpo.config import Config, ConfigError, load_config
 from rainbowpo.data.collate import collate
@@ -134,6 +135,7 @@ def resolve_defaults(cfg: Config) -> Config:
 
 def setup(cfg: Config) -> Run:
     cfg = resolve_defaults(cfg)
+    lora.check_runtime(cfg, ds.zero_stage(ds.load_ds_preset(cfg.deepspeed.config)))  # QLoRA: before any load
     dist = ds.init_distributed()
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
@@ -176,6 +178,7 @@ def setup(cfg: Config) -> Run:
         lambda exs: make_batch(cfg, tokenizer, exs),
         grad_accum,
         attn,
+        policy=policy,
     )
     timings["reference_s"] = time.perf_counter() - clock
     run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
@@ -239,6 +242,8 @@ def print_header(run: Run, summary, attn: str) -> None:
         f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
         f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
     )
+    if cfg.model.uses_lora():
+        print(lora.trainable_summary(run.policy.scorer.model))
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 
@@ -310,6 +315,8 @@ def train_step(run: Run, step: int) -> dict:
 def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair (SFT: per-example) losses [B] and the summed metric vector of METRIC_KEYS (detached, fp64)."""
     forward = run.policy.forward if train else run.policy.evaluate
+    if run.objective is not None:  # first: a reference forward's activations are gone before the policy's
+        ref_logp, ref_entropy = run.reference.stats(batch)
     logp, _ = forward(batch)
     n = batch.seq_tokens.to(logp.dtype)
     if run.objective is None:  # SFT: token-mean NLL per example, mean over examples
@@ -317,7 +324,6 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
         metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=logp.device)
         metrics[0], metrics[5] = losses.detach().sum(), logp.detach().sum()
         return losses, metrics
-    ref_logp, ref_entropy = run.reference.stats(batch)
     out = preference_loss(
         run.objective,
         logp[0::2],
@@ -435,7 +441,11 @@ def restore(run: Run, folder: str) -> None:
 def export(run: Run, out_dir: str) -> None:
     """A Hugging Face folder (config, safetensors, tokenizer) loadable by AutoModelForCausalLM."""
     state = run.policy.full_state_dict()
-    if run.dist.is_main:
+    if run.dist.is_main and run.cfg.model.uses_lora():
+        lora.export(run.policy.scorer.model, state, run.tokenizer, out_dir, out_dir + "_adapter",
+                    run.cfg.model.load_in_4bit)  # fmt: skip
+        print(f"exported the merged model to {out_dir} and the adapter to {out_dir}_adapter")
+    elif run.dist.is_main:
         tmp = out_dir + ".tmp"
         run.policy.scorer.model.save_pretrained(tmp, state_dict=state)
         run.tokenizer.save_pretrained(tmp)
