@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from data_prep.common import checked_reward, load_function, prompt_ids_of, read_jsonl
 from data_prep.generate import load_model, sample_hf
+from rainbowpo.lora import resolve_model_folder
 
 
 def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
@@ -36,6 +37,7 @@ def evaluate(
     n: int = 1,
 ) -> dict:
     """Per prompt: the mean reward of its n answers (greedy when temperature = 0, then n = 1)."""
+    model_path = resolve_model_folder(model_path)  # a LoRA adapter folder: merged once, cached
     fn = load_function(reward)
     model, tokenizer = load_model(model_path)
     n = 1 if temperature <= 0 else n

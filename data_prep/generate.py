@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from data_prep.common import done_ids, parse_shard, prompt_ids_of, read_jsonl, row_prompt, write_part
 from rainbowpo.data.render import prompt_ids, render_prompt
 from rainbowpo.fingerprint import model_fingerprint
+from rainbowpo.lora import resolve_model_folder
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +100,7 @@ def generate(
     todo = [(pos, r) for pos, r in enumerate(rows) if pos % count == index and r["id"] not in finished]
     if not todo:
         return 0
+    model_path = resolve_model_folder(model_path)  # a LoRA adapter folder: merged once, cached
     model, tokenizer = load_model(model_path)
     fingerprint = model_fingerprint(model_path)
     bar = tqdm(total=len(todo), desc=f"generate {index}/{count}", unit="prompt")

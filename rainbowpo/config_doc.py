@@ -70,6 +70,8 @@ def _default(f: dataclasses.Field, cls) -> str:
         return "required"
     if value is None:
         return "preset" if cls is config.ObjectiveSection else "unset"
+    if dataclasses.is_dataclass(value):  # a nested section (model.lora): its own table follows
+        return f"section `{f.name}` below"
     return f"`{value!r}`" if value != "" else "—"
 
 
