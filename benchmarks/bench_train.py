@@ -8,6 +8,8 @@ Workload: ../shared/bench/make_workload.py (256 pairs, random tiny Llama, vocab 
 once under --workload. Every config runs in its own process on identical batches: 8 pairs per step, one
 epoch (32 steps), fp32, 2 threads, the order of TRL's sampler (torch.randperm seeded 0; ours reads the
 rows in that order with train.shuffle false). tokens/s = the workload's non-pad tokens / wall seconds.
+LoRA rows (r 16, alpha 32, all attention/MLP linear layers) are compared with trl-sigmoid-lora, TRL's
+DPOTrainer given the same peft_config and no reference copy.
 
 Wall clock, like the anchors: models are loaded before the clock; tokenization and every training step are
 on it. For the cached reference the one-off cache pass is reported as cache_s and not on the wall clock
@@ -52,16 +54,25 @@ OURS = {  # name → config overrides on top of common_overrides(); data.share_p
     },
     "ours-rainbowpo-online": {"objective.preset": "rainbowpo", "reference.mode": "online"},
     "ours-simpo": {"objective.preset": "simpo", "reference.mode": "none"},
+    # LoRA r 16, alpha 32, dropout 0 on every attention/MLP linear layer; reference = the adapter-off base
+    "ours-lora-dpo-online": {
+        "objective.preset": "dpo",
+        "reference.mode": "online",
+        "model.lora.r": 16,
+        "model.lora.alpha": 32,
+    },  # fmt: skip
 }
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ANCHORS = {
     "trl-sigmoid": [str(BENCH / "trl_anchor.py"), "--config", "trl-sigmoid"],
     "bare-bound": [str(BENCH / "bare_bound.py")],
     "bare-bound-retain": [str(BENCH / "bare_bound.py")],
+    "trl-sigmoid-lora": [__file__, "--trl-lora"],  # TRL's anchor with the same peft_config as ours-lora-*
 }
 # The bound again with the allocator setting our trainer makes on CPU (rainbowpo.host), as glibc tunables:
 # how much of our lead over the bound is that setting rather than the training path.
 ANCHOR_ENV = {"bare-bound-retain": retain_env()}
-ORDER = ["trl-sigmoid", "bare-bound", "bare-bound-retain", *OURS]
+ORDER = ["trl-sigmoid", "bare-bound", "bare-bound-retain", *OURS, "trl-sigmoid-lora"]
 
 
 def common_overrides(workload: Path, out: Path) -> dict:
@@ -129,6 +140,34 @@ def run_ours(name: str, workload: Path, out: Path) -> dict:
     }  # fmt: skip
 
 
+def run_trl_lora(workload: Path, out_dir: str) -> None:
+    """../shared/bench/trl_anchor.py's trl-sigmoid run with `peft_config` = our LoRA settings and no reference
+    copy (TRL then uses the adapter-disabled policy as the reference, as ours does)."""
+    sys.path.insert(0, str(BENCH))
+    import trl_anchor
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             bias="none", task_type="CAUSAL_LM")  # fmt: skip
+
+    class LoraDPOTrainer(trl_anchor.DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, peft_config=peft_config, **kwargs)
+
+    trl_anchor.DPOTrainer = LoraDPOTrainer
+    trl_anchor.CONFIGS["trl-sigmoid-lora"] = ({"loss_type": "sigmoid"}, False)  # False: no reference copy
+    sys.argv = [
+        "trl_anchor.py",
+        "--workload",
+        str(workload),
+        "--config",
+        "trl-sigmoid-lora",
+        "--out-dir",
+        out_dir,
+    ]
+    trl_anchor.main()
+
+
 def run_config(name: str, workload: Path, scratch: Path) -> dict:
     """Each config in a fresh process; the last stdout line is its JSON result."""
     out = scratch / name
@@ -170,7 +209,8 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         rows.append(row)
     by_name = {r["config"]: r for r in rows}
     for r in rows:
-        for anchor, key in (("trl-sigmoid", "vs_trl"), ("bare-bound", "vs_bare")):
+        trl = "trl-sigmoid-lora" if "lora" in r["config"] and "trl-sigmoid-lora" in by_name else "trl-sigmoid"
+        for anchor, key in ((trl, "vs_trl"), ("bare-bound", "vs_bare")):
             if anchor in by_name:
                 r[key + "_speed"] = r["tokens_per_s"] / by_name[anchor]["tokens_per_s"]
                 r[key + "_rss"] = r["peak_rss_mib"] / by_name[anchor]["peak_rss_mib"]
@@ -230,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     p.add_argument("--check", action="store_true", help="exit 1 when our DPO loss differs from TRL's")
     p.add_argument("--ours", help=argparse.SUPPRESS)  # internal: run one of ours in this process
+    p.add_argument("--trl-lora", action="store_true", help=argparse.SUPPRESS)  # internal: the TRL LoRA anchor
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.trl_lora:
+        run_trl_lora(args.workload, args.out_dir)
+        return
     if args.ours:
         print(json.dumps(run_ours(args.ours, args.workload, args.scratch / args.ours)))
         return
