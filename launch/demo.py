@@ -2,6 +2,7 @@
 
     bash launch/demo.sh                      # SFT → RSO data prep → RainbowPO (2 ranks, ZeRO-3) → report
     bash launch/demo.sh --compare dpo,simpo  # also DPO and SimPO on the same pairs
+    bash launch/demo.sh --lora               # also the RainbowPO stage with a LoRA adapter (rainbowpo_lora)
     bash launch/demo.sh --seeds 3            # seeds 0, 1, 2: mean ± sd in the report
     bash launch/demo.sh --fresh              # recompute every stage
 
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=1, help="repeat with K consecutive seeds; report mean ± sd")
     p.add_argument("--compare", default="", help="comma-separated: dpo,simpo (same pairs, same schedule)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage")
+    p.add_argument("--lora", action="store_true", help="also RainbowPO with a LoRA adapter (rainbowpo_lora)")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args(argv)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in compare if m not in ("dpo", "simpo")]
     if unknown:
         p.error(f"--compare accepts dpo and simpo, got {unknown}")
-    methods = ["rainbowpo", *compare]
+    methods = ["rainbowpo", *compare, *(["rainbowpo_lora"] if args.lora else [])]
     out = (ROOT / args.out).resolve()
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
