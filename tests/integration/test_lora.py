@@ -5,6 +5,7 @@ a SIGKILLed run:
 - ZeRO-2, lr 1e-2: only adapter weights change; final/ (merged) and final_adapter/ both load and give the
   engine's log-probs; checkpoints hold the adapter and its optimizer state only.
 - ZeRO-0 from that adapter: the reference is the starting adapter (= the policy at step 0, so rewards 0).
+- reference.mode cached: the same losses as the online (adapter-off) reference.
 - ZeRO-3 + gradient checkpointing, lr 0: rewards exactly 0 at every step; reference = the plain base model.
 - 2 ranks, ZeRO-3 + gradient checkpointing: trains, and a kill -9 between steps + resume: auto ends with the
   same adapter as the uninterrupted run.
@@ -60,11 +61,14 @@ def sequence_logp(model, tokenizer, workspace) -> torch.Tensor:
 
 def test_lora_trains_adapter_only_exports_and_references(workspace, tmp_path):
     trained, resumed, frozen = tmp_path / "zero2", tmp_path / "from_adapter", tmp_path / "lr0"
+    cached = tmp_path / "cached"
     cases = {
         "zero2": {"overrides": base_overrides(workspace, trained, **LORA, **{"deepspeed.config": "zero2"})},
         "from_adapter": {"overrides": base_overrides(workspace, resumed, **{**LORA, "model.lora.r": 0},
                          **{"deepspeed.config": "zero0", "model.adapter_path": trained / "final_adapter",
                             "output.checkpoints": False})},  # fmt: skip
+        "cached": {"overrides": base_overrides(workspace, cached, **LORA, **{"deepspeed.config": "zero2",
+                   "reference.mode": "cached", "output.checkpoints": False, "output.export": False})},
         "lr0": {"lr0": True, "overrides": base_overrides(workspace, frozen, **LORA, **{
             "model.gradient_checkpointing": True, "output.checkpoints": False, "output.export": False})},
     }  # fmt: skip
@@ -101,6 +105,11 @@ def test_lora_trains_adapter_only_exports_and_references(workspace, tmp_path):
     first = read_metrics(resumed)[0]
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
     assert r["base_changed"] == []
+
+    # reference.mode cached: one adapter-off pass, then the same run as the online reference's
+    online_losses = [m["loss"] for m in read_metrics(trained)]
+    assert [m["loss"] for m in read_metrics(cached)] == pytest.approx(online_losses, abs=1e-5)
+    assert len(list((tmp_path / "ref_cache").iterdir())) == 1
 
     # lr 0 under ZeRO-3 + checkpointing: nothing moves, rewards exactly 0, reference = plain base model
     r = report(frozen)
