@@ -20,6 +20,8 @@ on it. For the cached reference the one-off cache pass is reported as cache_s an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -133,7 +135,7 @@ def run_ours(name: str, workload: Path, out: Path) -> dict:
     return {
         "config": name, "wall_s": round(wall, 2), "tokens_per_s": round(wl["train_tokens"] / wall, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "final_loss": round(losses[-1], 5), "mean_train_loss": round(statistics.fmean(losses), 5),
+        "cpu_s": round(cpu_seconds(), 1), "final_loss": round(losses[-1], 5), "mean_train_loss": round(statistics.fmean(losses), 5),
         "steps": len(losses), "first_batch_mean_chosen_logp": round(first["logps/chosen"], 1),
         "data_s": round(run.timings["data_s"], 2), "loop_s": round(loop_s, 2),
         "cache_s": round(run.timings.get("reference_s", 0.0), 2) if cfg.reference.mode == "cached" else 0.0,
@@ -165,7 +167,17 @@ def run_trl_lora(workload: Path, out_dir: str) -> None:
         "--out-dir",
         out_dir,
     ]
-    trl_anchor.main()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trl_anchor.main()
+    result = json.loads([line for line in printed.getvalue().splitlines() if line.startswith("{")][-1])
+    print(json.dumps({**result, "cpu_s": round(cpu_seconds(), 1)}))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far: less sensitive than wall time to a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_config(name: str, workload: Path, scratch: Path) -> dict:
