@@ -117,8 +117,9 @@ def test_reward_model_scorer(prep_ws, tmp_path):
 def test_vllm_engine_reports_missing_install(prep_ws):
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    with pytest.raises(ValueError, match="vllm is not installed"):
-        generate.sample_vllm(str(prep_ws / "model"), None, [], {"n": 2, "seed": 0})
+    args = generate.parser().parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--engine", "vllm"])
+    with pytest.raises(ValueError, match="vllm"):  # one line, before any model is loaded
+        generate.make_engine(str(prep_ws / "model"), generate.sampler_settings(args), args, "cpu")
 
 
 def test_select_requires_scored_rows(tmp_path):
