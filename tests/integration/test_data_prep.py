@@ -58,9 +58,10 @@ def test_pipeline_two_processes_matches_one(prep_ws, tmp_path):
 
 @pytest.mark.slow
 def test_generation_killed_mid_way_resumes_exactly_once(prep_ws, tmp_path):
-    out = tmp_path / "cands"
+    out = tmp_path / "cands"  # one prompt per engine call and per part file, so the kill lands mid-way
     cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(prep_ws / "model"), "--prompts",
-           str(prep_ws / "prompts.jsonl"), "--out", str(out), "--n", "4", "--max-new-tokens", "48", "--chunk", "1"]  # fmt: skip
+           str(prep_ws / "prompts.jsonl"), "--out", str(out), "--n", "4", "--max-new-tokens", "48", "--chunk", "1",
+           "--batch-prompts", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("part-*.jsonl")):
