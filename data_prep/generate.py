@@ -58,8 +58,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=16, help="prompts per atomically written part file")
     p.add_argument("--batch-prompts", type=int, default=16,
                    help="hf: prompts per generate call; fixes which prompts share a batch (and its seed)")  # fmt: skip
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="model dtype (hf and vllm); auto = bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
+    try:  # data_prep.pipeline may already have the reward model's --dtype: one flag for both models
+        p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="model dtype (hf and vllm); auto = bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
+    except argparse.ArgumentError:
+        pass
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + new tokens (default: the model's max positions); longer prompts are skipped")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (hf: 1)")
@@ -109,8 +112,8 @@ def batch_seed(seed: int, prompt_ids_: list[str]) -> int:
     return (seed * 1_000_003 + zlib.crc32("\x1f".join(prompt_ids_).encode())) % (2**63)
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name in (None, "auto"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return DTYPES[name]
 
@@ -128,10 +131,14 @@ def pin_process(tp: int) -> str:
     launch = launcher_ranks()
     index, procs = (launch.local_rank, launch.local_size) if launch else (0, 1)
     placement = place(index, procs, tp, visible_gpus())
-    os.environ.update(placement.env())
     if placement.threads:
         torch.set_num_threads(placement.threads)
-    return "cuda:0" if placement.gpus and torch.cuda.is_available() else "cpu"
+    if not placement.gpus or not torch.cuda.is_available():
+        return "cpu"
+    if torch.cuda.is_initialized():  # too late to narrow CUDA_VISIBLE_DEVICES: address the GPU by index
+        return f"cuda:{index * tp}"
+    os.environ.update(placement.env())  # read when CUDA initialises (and by vLLM's workers)
+    return "cuda:0"
 
 
 # ----------------------------------------------------------------------------------------------------------

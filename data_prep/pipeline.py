@@ -73,6 +73,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def early_scorer(args):
+    """A reward function now (cheap, so a bad --reward fails before sampling); a reward model only after
+    generation, so it never shares the GPU with the policy (None here)."""
+    if args.reward_model and not args.reward:
+        return None
+    return score.make_scorer(args.reward, args.reward_model)  # also: "give exactly one of ..."
+
+
 def generate_on_ranks(args, launch) -> bool:
     """Under deepspeed/torchrun: every rank generates its shard (RANK/WORLD_SIZE), then waits for the others
     (a gloo barrier, no GPU memory); True on rank 0, which goes on to score and select."""
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
     launch = launcher_ranks()
     try:
-        scorer = score.make_scorer(args.reward, args.reward_model)  # fail on a bad scorer before sampling
+        scorer = early_scorer(args)
         if launch and launch.world_size > 1:
             if not generate_on_ranks(args, launch):
                 return None
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             run_generation(args, os.path.join(args.out, "candidates"))
     except ValueError as exc:
         raise SystemExit(f"pipeline: error: {exc}") from None
+    scorer = scorer or score.make_scorer(args.reward, args.reward_model)
     score.score(os.path.join(args.out, "candidates"), os.path.join(args.out, "scored"), scorer)
     pairs = os.path.join(args.out, "pairs.jsonl")
     summary = select.select(os.path.join(args.out, "scored"), pairs, args.method, args.k, args.beta_rso,
