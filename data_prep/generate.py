@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import zlib
 
@@ -281,7 +282,16 @@ def generate(model_path: str, prompts_path: str, out_dir: str, args, shard: str 
             group = [(pos, r) for pos, r in group if r["id"] not in finished]
             summary["candidates"] += write_group(out_dir, f"{index}of{count}", group, candidates, extra)
             bar.update(len(group))
-        summary["tokens"] = getattr(engine, "tokens", 0)
+        summary["tokens"] = (
+            engine.tokens
+            if hasattr(engine, "tokens")
+            else summary["tokens"]
+            + sum(
+                len(tokenizer(c, add_special_tokens=False).input_ids)
+                for cs in candidates.values()
+                for c in cs
+            )
+        )  # an engine without a count: the candidates re-encoded
         bar.set_postfix_str(f"{summary['tokens'] / (time.perf_counter() - start):,.0f} tok/s")
     bar.close()
     summary.update(skipped=engine.skipped, seconds=round(time.perf_counter() - start, 3))
@@ -372,8 +382,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def reexec_for_vllm(args, module: str, argv: list[str] | None) -> None:
+    """--engine vllm where vllm is not importable: re-run this command in .venv-vllm (data_prep.vllm_engine)."""
+    if args.engine != "vllm":
+        return
+    try:
+        from data_prep.vllm_engine import reexec_under_vllm_env
+    except ImportError:
+        return  # make_engine says what is missing, in one line
+    reexec_under_vllm_env(module, sys.argv[1:] if argv is None else argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    reexec_for_vllm(args, "data_prep.generate", argv)
     try:
         summary = generate(args.model, args.prompts, args.out, args, args.shard)
     except ValueError as exc:

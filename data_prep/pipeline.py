@@ -102,6 +102,7 @@ def generate_on_ranks(args, launch) -> bool:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
+    generate.reexec_for_vllm(args, "data_prep.pipeline", argv)
     launch = launcher_ranks()
     try:
         scorer = early_scorer(args)
