@@ -82,21 +82,21 @@ def early_scorer(args):
 
 
 def generate_on_ranks(args, launch) -> bool:
-    """Under deepspeed/torchrun: every rank generates its shard (RANK/WORLD_SIZE), then waits for the others
-    (a gloo barrier, no GPU memory); True on rank 0, which goes on to score and select."""
+    """Under deepspeed/torchrun: every rank generates its shard (RANK/WORLD_SIZE), then waits for the others;
+    True on rank 0, which goes on to score and select. The process group (gloo, no GPU memory) is created
+    only after generation — joining it is the barrier — so no engine ever sees an initialised one."""
     import torch.distributed as dist
 
     if args.procs != 1:
         raise ValueError(
             "--procs is for one machine; under deepspeed/torchrun the launcher starts the processes"
         )
-    dist.init_process_group("gloo", timeout=timedelta(hours=72))  # generation of a big set takes hours
-    try:
-        out = os.path.join(args.out, "candidates")
-        print(generate.summary_line(generate.generate(args.model, args.prompts, out, args), out), flush=True)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    out = os.path.join(args.out, "candidates")
+    summary = generate.generate(args.model, args.prompts, out, args, f"{launch.rank}/{launch.world_size}")
+    print(generate.summary_line(summary, out), flush=True)
+    dist.init_process_group("gloo", timeout=timedelta(hours=72))  # the slowest rank may need hours
+    dist.barrier()
+    dist.destroy_process_group()
     return launch.rank == 0
 
 
