@@ -40,7 +40,7 @@ from data_prep.common import (
     visible_gpus,
     write_part,
 )
-from rainbowpo.data.render import prompt_ids, render_prompt
+from rainbowpo.data.render import prompt_ids
 from rainbowpo.fingerprint import model_fingerprint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -98,10 +98,6 @@ def sampler_settings(args) -> dict:
         "dtype",
     )
     return {k: getattr(args, k) for k in keys}
-
-
-def prompt_text(tokenizer, row: dict) -> str:
-    return render_prompt(tokenizer, row_prompt(row))
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -170,7 +166,10 @@ class HfEngine:
         self.skipped, self.tokens = 0, 0
 
     def fits(self, ids: list[int]) -> bool:
-        return self.max_len is None or len(ids) + self.settings["max_new_tokens"] <= self.max_len
+        """Room for the prompt and every new token (an empty prompt — no BOS, no text — has nothing to continue)."""
+        return 0 < len(ids) and (
+            self.max_len is None or len(ids) + self.settings["max_new_tokens"] <= self.max_len
+        )
 
     def generate(self, jobs: list[tuple[str, list[int]]]) -> list[list[str]]:
         out: list[list[str]] = []
@@ -307,7 +306,9 @@ def write_group(out_dir: str, shard: str, group: list, candidates: dict, extra: 
         (pos, {**r, "candidates": candidates[r["id"]], **extra}) for pos, r in group if candidates[r["id"]]
     ]
     skipped = [
-        (pos, {"id": r["id"], "reason": "prompt too long"}) for pos, r in group if not candidates[r["id"]]
+        (pos, {"id": r["id"], "reason": "prompt too long (or empty)"})
+        for pos, r in group
+        if not candidates[r["id"]]
     ]
     for folder, items in ((out_dir, done), (os.path.join(out_dir, SKIPPED), skipped)):
         if items:  # named by the first row written, which no earlier part holds
