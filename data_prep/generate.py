@@ -192,16 +192,19 @@ class HfEngine:
             ids[row, width - len(jobs[i][1]) :] = torch.tensor(jobs[i][1])
             mask[row, width - len(jobs[i][1]) :] = 1
         greedy = s["temperature"] <= 0
+        per_prompt = 1 if greedy else s["n"]
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = self._prefill(ids, mask, per_prompt)
         torch.manual_seed(batch_seed(s["seed"], [pid for pid, _ in jobs]))
         generated = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            input_ids=ids.repeat_interleave(per_prompt, 0),
+            attention_mask=mask.repeat_interleave(per_prompt, 0),
+            past_key_values=cache,
             do_sample=not greedy,
             temperature=None if greedy else s["temperature"],
             top_p=None if greedy else s["top_p"],
             top_k=None if greedy else s["top_k"],  # 0 = off (None would mean transformers' default, 50)
             max_new_tokens=s["max_new_tokens"],
-            num_return_sequences=1 if greedy else s["n"],
             pad_token_id=self.pad_id,
         )[:, width:].cpu()
         per_prompt = 1 if greedy else s["n"]
@@ -211,6 +214,20 @@ class HfEngine:
             texts = [t.strip() for t in self.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
             results[i] = texts * s["n"] if greedy else texts
         return results
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+        """The KV cache of every prompt but its last token, computed once and repeated for the n samples
+        (`num_return_sequences` would run the prompt n times); None for one-token prompts."""
+        if ids.shape[1] < 2:
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     def _cut(self, seq: torch.Tensor) -> list[int]:
         """The generated tokens up to and including the first EOS (what follows is padding)."""

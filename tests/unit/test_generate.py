@@ -69,6 +69,14 @@ def test_greedy_batches_equal_one_prompt_at_a_time(ws, tmp_path):
     run(ws, tmp_path / "b4", "--temperature", "0", "--batch-prompts", "4")
     single, batched = candidates(tmp_path / "b1"), candidates(tmp_path / "b4")
     assert single == batched and all(len(set(c)) == 1 for c in single.values())
+    # and equal to plain `model.generate` on the prompt alone (no shared prefill cache, no padding)
+    model, tok = generate.load_model(str(ws / "model"))
+    settings = {"n": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 0}
+    plain = {
+        r["id"]: generate.sample_hf(model, tok, r, settings)
+        for r in map(json.loads, open(ws / "prompts.jsonl"))
+    }
+    assert plain == single
 
 
 def test_too_long_prompt_is_skipped_counted_and_not_retried(ws, tmp_path):
