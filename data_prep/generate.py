@@ -47,7 +47,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=8, help="candidates per prompt")
+    p.add_argument("--n", "--samples", dest="n", type=int, default=8,
+                   help="candidates per prompt (--samples: the same, for the deepspeed launcher, which takes --n as its own)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")

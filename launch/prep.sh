@@ -19,7 +19,11 @@ for arg in "$@"; do [[ "$arg" == "vllm" && -x "$ROOT/.venv-vllm/bin/python" ]] &
 cd "$ROOT"
 if [[ -z "$HOSTFILE" ]]; then exec python -m data_prep.pipeline "$@"; fi
 ARGS=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29501}")
+FLAGS=()  # the launcher would read --n as an abbreviation of its own flags: pass it as --samples
+for arg in "$@"; do
+  case "$arg" in --n) FLAGS+=(--samples) ;; --n=*) FLAGS+=("--samples=${arg#--n=}") ;; *) FLAGS+=("$arg") ;; esac
+done
 if [[ -n "${NODE_RANK:-}" ]]; then
   ARGS+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node0}")
 fi
-exec deepspeed "${ARGS[@]}" --module data_prep.pipeline "$@"
+exec deepspeed "${ARGS[@]}" --module data_prep.pipeline "${FLAGS[@]}"

@@ -1,12 +1,10 @@
-"""data_prep.pipeline under the deepspeed launcher (what `launch/prep.sh --hostfile` runs): 2 ranks = 1 process."""
+"""`launch/prep.sh --hostfile` (data_prep.pipeline under the deepspeed launcher): 2 ranks = 1 process."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port
@@ -33,17 +31,32 @@ def test_pipeline_under_the_deepspeed_launcher_matches_one_process(tmp_path, mon
         monkeypatch.delenv(key, raising=False)
     pipeline.main([*common, "--out", str(tmp_path / "one")])
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "data_prep.pipeline",
-           *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_PORT": str(free_port()),
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+    }  # the no-ssh mode: no sshd here
+    cmd = [
+        "bash",
+        "launch/prep.sh",
+        "--hostfile",
+        str(tmp_path / "hosts"),
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert "generate: shard 0/2: 6 prompts" in proc.stdout and "generate: shard 1/2: 4 prompts" in proc.stdout
     assert proc.stdout.count("data prep summary") == 1  # rank 0 alone scores and selects
     one, two = (
-        {r["id"]: r["candidates"] for r in read_parts(str(tmp_path / d / "candidates"))} for d in ("one", "two")
+        {r["id"]: r["candidates"] for r in read_parts(str(tmp_path / d / "candidates"))}
+        for d in ("one", "two")
     )
     assert len(one) == 10 and one == two
     assert (tmp_path / "one" / "pairs.jsonl").read_text() == (tmp_path / "two" / "pairs.jsonl").read_text()
