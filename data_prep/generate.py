@@ -144,6 +144,24 @@ def pin_process(tp: int) -> str:
 # ([] for a prompt too long for the model, counted in `.skipped`); `.tokens` counts candidate tokens.
 
 
+def sampling_warpers(settings: dict) -> list:
+    """temperature, top-k (0 = off), top-p (1 = off): transformers' logits warpers, as `generate` orders them."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    if settings["temperature"] <= 0:
+        return []
+    warpers = [TemperatureLogitsWarper(settings["temperature"])] if settings["temperature"] != 1.0 else []
+    if settings["top_k"]:
+        warpers.append(TopKLogitsWarper(settings["top_k"]))
+    if settings["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(settings["top_p"]))
+    return warpers
+
+
 class HfEngine:
     """transformers `generate` on this process's device, --batch-prompts prompts per call (left padding).
 
@@ -165,6 +183,7 @@ class HfEngine:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.skipped, self.tokens = 0, 0
+        self.warpers = sampling_warpers(settings)
 
     def fits(self, ids: list[int]) -> bool:
         """Room for the prompt and every new token (an empty prompt — no BOS, no text — has nothing to continue)."""
@@ -194,21 +213,8 @@ class HfEngine:
             mask[row, width - len(jobs[i][1]) :] = 1
         greedy = s["temperature"] <= 0
         per_prompt = 1 if greedy else s["n"]
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = self._prefill(ids, mask, per_prompt)
         torch.manual_seed(batch_seed(s["seed"], [pid for pid, _ in jobs]))
-        generated = self.model.generate(
-            input_ids=ids.repeat_interleave(per_prompt, 0),
-            attention_mask=mask.repeat_interleave(per_prompt, 0),
-            past_key_values=cache,
-            do_sample=not greedy,
-            temperature=None if greedy else s["temperature"],
-            top_p=None if greedy else s["top_p"],
-            top_k=None if greedy else s["top_k"],  # 0 = off (None would mean transformers' default, 50)
-            max_new_tokens=s["max_new_tokens"],
-            pad_token_id=self.pad_id,
-        )[:, width:].cpu()
-        per_prompt = 1 if greedy else s["n"]
+        generated = self._decode(ids.to(self.device), mask.to(self.device), per_prompt, greedy).cpu()
         for row, i in enumerate(keep):
             seqs = [self._cut(seq) for seq in generated[row * per_prompt : (row + 1) * per_prompt]]
             self.tokens += sum(len(seq) for seq in seqs)  # generated (greedy: one sequence, copied n times)
@@ -216,19 +222,44 @@ class HfEngine:
             results[i] = texts * s["n"] if greedy else texts
         return results
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, copies: int):
-        """The KV cache of every prompt but its last token, computed once and repeated for the n samples
-        (`num_return_sequences` would run the prompt n times); None for one-token prompts."""
-        if ids.shape[1] < 2:
-            return None
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, copies: int, greedy: bool) -> torch.Tensor:
+        """Prefill the left-padded prompts once, repeat their KV cache for the `copies` samples
+        (`generate(num_return_sequences=n)` would run every prompt n times), then sample token by token until
+        every sequence has an EOS or --max-new-tokens; finished sequences get padding. → (rows·copies, T)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
         cache.batch_repeat_interleave(copies)
-        return cache
+        logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+        position = positions[:, -1:].repeat_interleave(copies, 0)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=ids.device)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=ids.device)
+        out = []
+        for step in range(self.settings["max_new_tokens"]):
+            token = logits.argmax(-1) if greedy else self._sample(logits)
+            token = token.masked_fill(done, self.pad_id)
+            out.append(token)
+            done |= torch.isin(token, eos)
+            if step + 1 == self.settings["max_new_tokens"] or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1]  # fmt: skip
+        return torch.stack(out, dim=1)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row from softmax(logits / T) after top-k and top-p (transformers' own warpers, in
+        generate's order), drawn by inverse CDF (one uniform per row; torch.multinomial is ~30× slower here)."""
+        scores = logits.float()
+        for warp in self.warpers:
+            scores = warp(None, scores)
+        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
     def _cut(self, seq: torch.Tensor) -> list[int]:
         """The generated tokens up to and including the first EOS (what follows is padding)."""

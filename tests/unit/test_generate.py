@@ -146,3 +146,29 @@ def test_bad_settings_are_one_line(ws, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message) as err:
         generate.main(argv)
     assert str(err.value).startswith("generate: error: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, expected",
+    [
+        (1.0, 0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+        (1.0, 2, 1.0, [0.625, 0.375, 0.0, 0.0]),  # the two largest, renormalised
+        (1.0, 0, 0.7, [0.625, 0.375, 0.0, 0.0]),  # smallest set with mass >= 0.7: {0.5, 0.3}
+        (
+            2.0,
+            0,
+            1.0,
+            [p**0.5 / 1.8657 for p in (0.5, 0.3, 0.15, 0.05)],
+        ),  # ∝ p^(1/T): sum of the roots 1.8657
+    ],
+)
+def test_sampler_frequencies_match_the_warped_softmax(temperature, top_k, top_p, expected):
+    engine = generate.HfEngine.__new__(generate.HfEngine)
+    engine.warpers = generate.sampling_warpers({"temperature": temperature, "top_k": top_k, "top_p": top_p})
+    rows = 40_000
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(rows, 1)
+    torch.manual_seed(0)
+    counts = torch.bincount(engine._sample(logits), minlength=4).double() / rows
+    for got, want in zip(counts.tolist(), expected):
+        se = max((want * (1 - want) / rows) ** 0.5, 1e-9)
+        assert abs(got - want) <= 4.5 * se + 1e-4 * (want == 0), (counts, expected)
