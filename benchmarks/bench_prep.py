@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prep.py                    # table printed (the shared workload, made once)
     python benchmarks/bench_prep.py --write            # and appended to docs/benchmarks.md
-    python benchmarks/bench_prep.py --size 0.5b        # on a GPU: a ~0.5B random Llama, tokens/s per GPU
+    python benchmarks/bench_prep.py --size 0.5b        # on a GPU: a ~0.4B random Llama, tokens/s per GPU
 
 Workload: ../shared/bench/make_workload.py's tokenizer and random tiny Llama (4 layers, d=256, vocab 8192),
 the first --prompts (64) prompts of its train.jsonl (16–128 words), --n 8 samples × --max-new-tokens 32.
@@ -43,7 +43,7 @@ SIZES = {  # --size → LlamaConfig overrides on the workload's model (vocab 819
         num_hidden_layers=24,
         num_attention_heads=16,
         num_key_value_heads=16,
-    ),  # fmt: skip  ~0.32B in the blocks + 17M embeddings ≈ 0.5B class
+    ),  # fmt: skip  0.40B in the blocks + 17M embeddings
 }
 
 
