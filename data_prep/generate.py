@@ -7,8 +7,9 @@
 Prompt rows: {"id", "prompt": str} or {"id", "messages": [...]} (+ any metadata columns, kept), rendered to
 token ids by rainbowpo.data.render.prompt_ids (one BOS); engines get ids, never text.
 
-Engines (one per process, built once): `hf` generates --batch-prompts prompts per `model.generate` call
-(left padding) on the process's accelerator; `vllm` is data_prep.vllm_engine (per-request seeds).
+Engines (one per process, built once): `hf` samples --batch-prompts prompts at a time (left padding, each
+prompt prefilled once for its n samples) on the process's accelerator; `vllm` is data_prep.vllm_engine
+(per-request seeds).
 Batches are --batch-prompts consecutive prompts in file order, fixed BEFORE sharding: `--shard i/n` takes
 batches i, i+n, …, and each batch is seeded from (seed, its prompt ids). So with `hf` a prompt's candidates
 depend on the seed, --batch-prompts and its batch mates (and the sampler settings, model, dtype and device
@@ -163,7 +164,7 @@ def sampling_warpers(settings: dict) -> list:
 
 
 class HfEngine:
-    """transformers `generate` on this process's device, --batch-prompts prompts per call (left padding).
+    """A transformers causal LM on this process's device, --batch-prompts prompts per batch (left padding).
 
     Each batch of the call's jobs (consecutive groups of --batch-prompts) is seeded with
     batch_seed(seed, its prompt ids); the candidates of a prompt therefore depend on its batch mates."""
