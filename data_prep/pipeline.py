@@ -37,6 +37,8 @@ def child_command(args, out: str, i: int) -> list[str]:
 
 
 def run_generation(args, out: str) -> None:
+    if args.procs < 1:
+        raise ValueError(f"--procs {args.procs}: must be >= 1")
     if args.procs == 1:
         summary = generate.generate(args.model, args.prompts, out, args)
         print(generate.summary_line(summary, out), flush=True)

@@ -111,3 +111,19 @@ def test_pin_process_on_the_cpu_changes_nothing(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert generate.pin_process(tp=1) == "cpu"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_pipeline_refuses_procs_below_one_and_too_many_gpus(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    base = ["--model", "m", "--prompts", "p.jsonl", "--out", str(tmp_path), "--reward", REWARD]
+    with pytest.raises(SystemExit, match=r"^pipeline: error: --procs 0: must be >= 1$"):
+        pipeline.main([*base, "--procs", "0"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(
+        SystemExit, match=r"3 processes × tensor-parallel size 1 need 3 GPUs but 2 are visible"
+    ):
+        pipeline.main([*base, "--procs", "3"])
+
+
+REWARD = "data_prep.tasks.sort_task:reward"
