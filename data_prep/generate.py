@@ -12,12 +12,14 @@ skips prompts already written, so a killed run resumes without losing or repeati
 from __future__ import annotations
 
 import argparse
+import sys
 import zlib
 
 import torch
 from tqdm.auto import tqdm
 
 from data_prep.common import done_ids, parse_shard, prompt_ids_of, read_jsonl, row_prompt, write_part
+from data_prep.vllm_engine import VllmEngine, reexec_under_vllm_env
 from rainbowpo.data.render import prompt_ids, render_prompt
 from rainbowpo.fingerprint import model_fingerprint
 
@@ -31,6 +33,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="vllm when installed")
     p.add_argument("--chunk", type=int, default=16, help="prompts per atomically written part file")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: memory fraction reserved (default 0.9 on CUDA, 0.1 of RAM on CPU)")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None, help="vllm: longer prompts are skipped")
+    p.add_argument("--dtype", default="auto", help="vllm: auto | bfloat16 | float16 | float32")
+
+
+VLLM_FLAGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype")
 
 
 def sampler_settings(args) -> dict:
@@ -67,20 +77,6 @@ def sample_hf(model, tokenizer, row: dict, settings: dict) -> list[str]:
     return texts * settings["n"] if greedy else texts
 
 
-def sample_vllm(model_path: str, tokenizer, rows: list[dict], settings: dict) -> list[list[str]]:
-    try:
-        import vllm
-    except ImportError:
-        raise ValueError(
-            "--engine vllm: vllm is not installed (pip install vllm), or use --engine hf"
-        ) from None
-    llm = vllm.LLM(model=model_path, seed=settings["seed"])
-    params = vllm.SamplingParams(n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
-                                 top_k=settings["top_k"] or -1, max_tokens=settings["max_new_tokens"])  # fmt: skip
-    outputs = llm.generate([prompt_text(tokenizer, r) for r in rows], params)
-    return [[c.text.strip() for c in o.outputs] for o in outputs]
-
-
 def load_model(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,7 +86,7 @@ def load_model(path: str):
 
 
 def generate(
-    model_path: str, prompts_path: str, out_dir: str, settings: dict, shard: str | None, chunk: int
+    model_path: str, prompts_path: str, out_dir: str, settings: dict, shard: str | None, chunk: int, args=None
 ) -> int:
     """Sample every unfinished prompt of this shard; returns how many prompts were done now."""
     index, count = parse_shard(shard)
@@ -99,13 +95,20 @@ def generate(
     todo = [(pos, r) for pos, r in enumerate(rows) if pos % count == index and r["id"] not in finished]
     if not todo:
         return 0
-    model, tokenizer = load_model(model_path)
+    if settings["engine"] == "vllm":
+        from transformers import AutoTokenizer
+
+        model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
+        engine = VllmEngine(model_path, settings, args)  # one engine for the whole run
+    else:
+        model, tokenizer = load_model(model_path)
     fingerprint = model_fingerprint(model_path)
     bar = tqdm(total=len(todo), desc=f"generate {index}/{count}", unit="prompt")
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         if settings["engine"] == "vllm":
-            candidates = sample_vllm(model_path, tokenizer, [r for _, r in part], settings)
+            jobs = [(r["id"], prompt_ids(tokenizer, row_prompt(r))) for _, r in part]
+            candidates = engine.generate(jobs)
         else:
             candidates = [sample_hf(model, tokenizer, r, settings) for _, r in part]
         out = [
@@ -115,6 +118,8 @@ def generate(
         write_part(out_dir, f"{index}of{count}-{part[0][0]:07d}", out)
         bar.update(len(part))
     bar.close()
+    if settings["engine"] == "vllm" and engine.skipped:
+        print(f"generate: {engine.skipped} skipped (prompt ≥ max model length {engine.max_model_len} tokens)")
     return len(todo)
 
 
@@ -127,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    n = generate(args.model, args.prompts, args.out, sampler_settings(args), args.shard, args.chunk)
+    if args.engine == "vllm" and argv is None:
+        reexec_under_vllm_env("data_prep.generate", sys.argv[1:])
+    n = generate(args.model, args.prompts, args.out, sampler_settings(args), args.shard, args.chunk, args)
     print(f"generate: {n} prompts sampled into {args.out}")
 
 

@@ -20,13 +20,16 @@ from data_prep import generate, score, select
 
 def run_generation(args, out: str) -> None:
     settings = generate.sampler_settings(args)
-    if args.procs == 1:
+    if args.procs == 1 and args.engine != "vllm":  # vllm: a subprocess, which moves to .venv-vllm
         generate.generate(args.model, args.prompts, out, settings, None, args.chunk)
         return
     base = [sys.executable, "-m", "data_prep.generate", "--model", args.model, "--prompts", args.prompts,
             "--out", out, "--chunk", str(args.chunk)]  # fmt: skip
     for key in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "engine"):
         base += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in generate.VLLM_FLAGS:
+        if getattr(args, key) is not None:
+            base += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     procs = [subprocess.Popen(base + ["--shard", f"{i}/{args.procs}"], env=env) for i in range(args.procs)]
     codes = [p.wait() for p in procs]
