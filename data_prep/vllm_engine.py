@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import zlib
@@ -31,6 +32,7 @@ SETUP_HINT = "run `bash launch/setup_env.sh --vllm` (or use --engine hf)"
 REEXEC_MARK = "RAINBOWPO_VLLM_REEXEC"  # set in the re-executed process: never re-exec twice
 CPU_MEMORY_FRACTION = 0.1  # on CPU vLLM reserves this fraction of the machine's RAM for the KV cache
 GPU_MEMORY_FRACTION = 0.9
+CPU_PREFILL_BUDGET = 4096  # vLLM's CPU default max_num_batched_tokens
 
 
 def vllm_venv_python() -> Path:
@@ -98,18 +100,41 @@ def check_tensor_parallel(size: int, gpus: int) -> None:
         )
 
 
-def engine_kwargs(args, seed: int, gpus: int) -> dict:
-    """vllm.LLM keyword arguments from the CLI flags (missing flags → their defaults)."""
+def model_max_len(model_path: str) -> int | None:
+    """The context length in the model's config.json (what vLLM uses when --max-model-len is not given)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+    return next((int(config[k]) for k in keys if isinstance(config.get(k), int)), None)
+
+
+def engine_kwargs(args, seed: int, gpus: int, model_path: str = "") -> dict:
+    """vllm.LLM keyword arguments from the CLI flags (missing flags → their defaults).
+
+    Without a GPU, chunked prefill is turned off: vLLM 0.32 rewinds a seeded request's generator after a
+    partial prefill with `Generator.set_offset`, which only CUDA generators have ("CPU Generator does not use
+    offset", the engine dies on the first prompt batch larger than the 4,096-token prefill budget). Whole
+    prompts are then scheduled, with a budget of at least the model length.
+    """
     memory = getattr(args, "gpu_memory_utilization", None)
     if memory is None:
         memory = GPU_MEMORY_FRACTION if gpus else CPU_MEMORY_FRACTION
-    return {
+    max_len = getattr(args, "max_model_len", None)
+    kwargs = {
         "tensor_parallel_size": getattr(args, "tensor_parallel_size", None) or 1,
         "gpu_memory_utilization": memory,
-        "max_model_len": getattr(args, "max_model_len", None),
+        "max_model_len": max_len,
         "dtype": getattr(args, "dtype", None) or "auto",
         "seed": seed,
     }
+    if not gpus:
+        budget = max(CPU_PREFILL_BUDGET, max_len or model_max_len(model_path) or CPU_PREFILL_BUDGET)
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=budget)
+    return kwargs
 
 
 class VllmEngine:
@@ -120,7 +145,7 @@ class VllmEngine:
     def __init__(self, model_path: str, settings: dict, args=None):
         vllm = import_vllm()
         gpus = visible_gpus()
-        kwargs = engine_kwargs(args, settings["seed"], gpus)
+        kwargs = engine_kwargs(args, settings["seed"], gpus, model_path)
         check_tensor_parallel(kwargs["tensor_parallel_size"], gpus)
         self.vllm, self.settings, self.skipped = vllm, settings, 0
         self.llm = vllm.LLM(model=model_path, **kwargs)

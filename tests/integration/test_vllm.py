@@ -199,10 +199,22 @@ def test_tensor_parallel_check_and_engine_defaults():
     with pytest.raises(SystemExit, match="must be ≥ 1"):
         check_tensor_parallel(0, 8)
     empty = type("Args", (), {})()
-    assert engine_kwargs(empty, 7, 0) == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.1,
+    assert engine_kwargs(empty, 7, 2) == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
                                           "max_model_len": None, "dtype": "auto", "seed": 7}  # fmt: skip
-    assert engine_kwargs(empty, 7, 2)["gpu_memory_utilization"] == 0.9
     args = type("Args", (), {"gpu_memory_utilization": 0.5, "max_model_len": 64, "dtype": "bfloat16",
                              "tensor_parallel_size": 2})()  # fmt: skip
     assert engine_kwargs(args, 0, 2) == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
                                          "max_model_len": 64, "dtype": "bfloat16", "seed": 0}  # fmt: skip
+
+
+def test_cpu_engine_schedules_whole_prompts(tmp_path):
+    """No GPU: 10 % of RAM, chunked prefill off (vLLM 0.32 cannot rewind a seeded CPU generator after a
+    partial prefill) with a prefill budget of max(4096, the model length)."""
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+    empty = type("Args", (), {})()
+    kwargs = engine_kwargs(empty, 7, 0, str(tmp_path))
+    assert kwargs["gpu_memory_utilization"] == 0.1 and kwargs["enable_chunked_prefill"] is False
+    assert kwargs["max_num_batched_tokens"] == 32768
+    assert engine_kwargs(empty, 7, 0, str(tmp_path / "absent"))["max_num_batched_tokens"] == 4096
+    short = type("Args", (), {"max_model_len": 512})()
+    assert engine_kwargs(short, 7, 0, str(tmp_path))["max_num_batched_tokens"] == 4096
