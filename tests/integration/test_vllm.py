@@ -33,8 +33,9 @@ from data_prep.vllm_engine import (
 
 REWARD = "data_prep.tasks.sort_task:reward"
 LONG_ID = "too-long"
-MAX_MODEL_LEN = 32
-SHARED = ("--n", "4", "--max-new-tokens", "8", "--max-model-len", str(MAX_MODEL_LEN), "--chunk", "4")
+MAX_MODEL_LEN = 48
+N_PROMPTS = 40  # x 8 candidates x ~20 prompt tokens > 4,096: one call's prefill exceeds vLLM's CPU budget
+SHARED = ("--n", "8", "--max-new-tokens", "8", "--max-model-len", str(MAX_MODEL_LEN))
 
 needs_vllm_env = pytest.mark.skipif(
     not vllm_venv_python().exists() and os.environ.get("CI") != "true",
@@ -61,13 +62,13 @@ def digit_tokenizer():
 
 @pytest.fixture(scope="module")
 def vllm_ws(tmp_path_factory) -> Path:
-    """A random Llama (head_dim 32, vLLM's CPU minimum), 12 sort prompts + one of 41 tokens (> MAX_MODEL_LEN)."""
+    """A random Llama (head_dim 32, vLLM's CPU minimum), 40 sort prompts of 16-26 tokens + one of 61."""
     from rainbowpo.tiny import build_tiny_model
 
     ws = tmp_path_factory.mktemp("vllm")
     build_tiny_model(digit_tokenizer(), str(ws / "model"), hidden=64, layers=2, heads=2, kv_heads=2)
-    rows = sort_task.make_prompts(12, seed=0)
-    rows.append({"id": LONG_ID, "prompt": "sort: " + " ".join(str(i % 10) for i in range(40)),
+    rows = sort_task.make_prompts(N_PROMPTS, seed=0, min_len=15, max_len=25)
+    rows.append({"id": LONG_ID, "prompt": "sort: " + " ".join(str(i % 10) for i in range(60)),
                  "metadata": {"numbers": [1, 2]}})  # fmt: skip
     (ws / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ws
@@ -89,7 +90,8 @@ def candidates_by_id(folder: Path) -> dict[str, list[str]]:
 def pipeline_run(vllm_ws, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe")
     done = run(["data_prep.pipeline", "--model", str(vllm_ws / "model"), "--prompts", str(vllm_ws / "prompts.jsonl"),
-                "--out", str(out), "--engine", "vllm", *SHARED, "--reward", REWARD, "--method", "best_worst"])  # fmt: skip
+                "--out", str(out), "--engine", "vllm", *SHARED, "--chunk", "64", "--reward", REWARD,
+                "--method", "best_worst"])  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return out, done.stdout + done.stderr
 
@@ -101,7 +103,7 @@ def test_generate_score_select_end_to_end(pipeline_run):
     rows = read_parts(str(out / "candidates"))
     assert {r["sampler"]["engine"] for r in rows} == {"vllm"}
     usable = [r for r in rows if r["id"] != LONG_ID]
-    assert len(usable) == 12 and all(len(r["candidates"]) == 4 for r in usable)
+    assert len(usable) == N_PROMPTS and all(len(r["candidates"]) == 8 for r in usable)
     scored = {r["id"]: r for r in read_parts(str(out / "scored"))}
     for r in usable:  # the stored rewards are the reward function's, recomputed here
         want = [sort_task.reward(None, c, r["metadata"]) for c in r["candidates"]]
@@ -125,7 +127,7 @@ def test_too_long_prompt_is_skipped_and_counted(pipeline_run):
 @pytest.mark.slow
 @needs_vllm_env
 def test_shards_give_the_same_candidates_as_one_process(vllm_ws, pipeline_run, tmp_path):
-    """Per-request seeds: --shard 0/2 + 1/2 (other batches, other chunks) == one process, prompt by prompt."""
+    """Per-request seeds: --shard 0/2 + 1/2 in parts of 3 prompts == one process with one 41-prompt batch."""
     out, _ = pipeline_run
     cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(vllm_ws / "model"), "--prompts",
            str(vllm_ws / "prompts.jsonl"), "--out", str(tmp_path / "shards"), "--engine", "vllm", *SHARED]  # fmt: skip
@@ -135,7 +137,7 @@ def test_shards_give_the_same_candidates_as_one_process(vllm_ws, pipeline_run, t
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     one, two = candidates_by_id(out / "candidates"), candidates_by_id(tmp_path / "shards")
-    assert set(one) == set(two) and len(one) == 13
+    assert set(one) == set(two) and len(one) == N_PROMPTS + 1
     assert one == two
 
 
