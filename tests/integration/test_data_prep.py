@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from data_prep import generate, score, select
+from data_prep import score, select
 from data_prep.common import read_parts
 from data_prep.tasks import sort_task
 from rainbowpo.tiny import build_tiny_model, train_sentencepiece
@@ -117,8 +117,10 @@ def test_reward_model_scorer(prep_ws, tmp_path):
 def test_vllm_engine_reports_missing_install(prep_ws):
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    with pytest.raises(ValueError, match="vllm is not installed"):
-        generate.sample_vllm(str(prep_ws / "model"), None, [], {"n": 2, "seed": 0})
+    from data_prep.vllm_engine import VllmEngine
+
+    with pytest.raises(SystemExit, match=r"vllm is not importable .*`bash launch/setup_env.sh --vllm"):
+        VllmEngine(str(prep_ws / "model"), {"n": 2, "seed": 0})
 
 
 def test_select_requires_scored_rows(tmp_path):
