@@ -33,6 +33,7 @@ REEXEC_MARK = "RAINBOWPO_VLLM_REEXEC"  # set in the re-executed process: never r
 CPU_MEMORY_FRACTION = 0.1  # on CPU vLLM reserves this fraction of the machine's RAM for the KV cache
 GPU_MEMORY_FRACTION = 0.9
 CPU_PREFILL_BUDGET = 4096  # vLLM's CPU default max_num_batched_tokens
+SKIP_REPORTS = 10  # too-long prompts named one by one; the rest only counted
 
 
 def vllm_venv_python() -> Path:
@@ -165,13 +166,20 @@ class VllmEngine:
             detokenize=False,  # decoded below with the model's tokenizer, as the hf engine does
         )
 
-    def fits(self, ids: list[int]) -> bool:
-        return 0 < len(ids) < self.max_model_len
+    def fits(self, prompt_id: str, ids: list[int]) -> bool:
+        """Whether vLLM can take the prompt; the first SKIP_REPORTS misfits are named on stderr."""
+        if 0 < len(ids) < self.max_model_len:
+            return True
+        self.skipped += 1
+        if self.skipped <= SKIP_REPORTS:
+            more = " (further skipped prompts are only counted)" if self.skipped == SKIP_REPORTS else ""
+            print(f"vllm: prompt {prompt_id} skipped: {len(ids)} tokens, max model length {self.max_model_len}"
+                  + more, file=sys.stderr)  # fmt: skip
+        return False
 
     def generate(self, jobs: list[tuple[str, list[int]]]) -> list[list[str]]:
         """Candidates per job, in job order; [] for a prompt too long for the model (counted in .skipped)."""
-        kept = [(pid, list(ids)) for pid, ids in jobs if self.fits(ids)]
-        self.skipped += len(jobs) - len(kept)
+        kept = [(pid, list(ids)) for pid, ids in jobs if self.fits(pid, ids)]
         out = {}
         if kept:
             prompts = [self.vllm.TokensPrompt(prompt_token_ids=ids) for _, ids in kept]

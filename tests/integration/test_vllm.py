@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,8 @@ def test_generate_score_select_end_to_end(pipeline_run):
 def test_too_long_prompt_is_skipped_and_counted(pipeline_run):
     out, log = pipeline_run
     assert candidates_by_id(out / "candidates").get(LONG_ID, []) == []
-    assert f"1 skipped (prompt ≥ max model length {MAX_MODEL_LEN} tokens)" in log
+    assert f"vllm: prompt {LONG_ID} skipped: 61 tokens, max model length {MAX_MODEL_LEN}" in log
+    assert re.search(r"\b1 skipped\b", log)  # generate's closing count
 
 
 @pytest.mark.slow
@@ -220,3 +222,17 @@ def test_cpu_engine_schedules_whole_prompts(tmp_path):
     assert engine_kwargs(empty, 7, 0, str(tmp_path / "absent"))["max_num_batched_tokens"] == 4096
     short = type("Args", (), {"max_model_len": 512})()
     assert engine_kwargs(short, 7, 0, str(tmp_path))["max_num_batched_tokens"] == 4096
+
+
+def test_too_long_prompts_are_counted_and_the_first_ten_named(capsys):
+    """The length rule without an engine: 0 < tokens < max_model_len goes to vLLM, the rest is skipped."""
+    from data_prep.vllm_engine import VllmEngine
+
+    engine = object.__new__(VllmEngine)  # no vllm.LLM: only the bookkeeping of `fits`
+    engine.max_model_len, engine.skipped = 8, 0
+    assert engine.fits("ok", [1] * 7) and engine.skipped == 0
+    assert not any([engine.fits(str(i), [1] * 8) for i in range(11)] + [engine.fits("empty", [])])
+    assert engine.skipped == 12
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[0] == "vllm: prompt 0 skipped: 8 tokens, max model length 8"
+    assert lines[-1].endswith("(further skipped prompts are only counted)")
