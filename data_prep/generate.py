@@ -69,8 +69,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + new tokens (default: the model's max positions); longer prompts are skipped")  # fmt: skip
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (hf: 1)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="vllm: fraction of GPU memory to reserve (on the CPU, of RAM: use ~0.1)")  # fmt: skip
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: fraction of GPU memory to reserve (default 0.9 on CUDA; on the CPU, of RAM: 0.1)")  # fmt: skip
 
 
 def check_args(args) -> None:
@@ -82,7 +82,7 @@ def check_args(args) -> None:
             f"--tensor-parallel-size {args.tensor_parallel_size}: the hf engine runs one device per process; "
             "use --engine vllm for tensor parallelism, or --procs to use more GPUs"
         )
-    if not 0 < args.gpu_memory_utilization <= 1:
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must be in (0, 1]")
 
 
