@@ -137,7 +137,7 @@ class RewardModelScorer:
             self.name = path or type(model).__name__
         self.model, self.tokenizer = model.eval(), tokenizer
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.max_length = max_length or positions or 4096
+        self.max_length = max_length if max_length is not None else positions or 4096
         if self.max_length < 1:
             raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
         self.batch_size, self.truncated = batch_size, 0
