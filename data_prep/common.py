@@ -134,7 +134,8 @@ def require_keys(rows: list[dict], keys: tuple[str, ...], folder: str, stage: st
 
 
 # ----------------------------------------------------------------------------- model placement (score, evaluate)
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices, besides "auto"; bf16/fp16/fp32 also accepted
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def accelerator_device(local_rank: int | None = None):
@@ -155,11 +156,12 @@ def accelerator_device(local_rank: int | None = None):
 
 
 def default_dtype(device, flag: str | None = None):
-    """`--dtype bf16|fp16|fp32` when given, else bf16 on CUDA and fp32 on the CPU."""
+    """`--dtype bfloat16|float16|float32` (or bf16|fp16|fp32) when given; None/auto: bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    if flag is None:
+    if flag in (None, "auto"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if flag not in DTYPES:
-        raise ValueError(f"--dtype {flag!r}: choose one of {sorted(DTYPES)}")
-    return getattr(torch, DTYPES[flag])
+    name = _DTYPE_ALIASES.get(flag, flag)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {flag!r}: choose one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, name)

@@ -126,21 +126,38 @@ class RewardModelScorer:
     ):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        self.device = torch.device(device) if device is not None else accelerator_device()
-        if model is None:
-            if isinstance(dtype, str) or dtype is None:
-                dtype = default_dtype(self.device, dtype)
-            model, tokenizer = load_reward_model(path, dtype, self.device, trust_remote_code)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"--max-length must be >= 1, got {max_length}")
+        if isinstance(dtype, str):
+            default_dtype("cpu", dtype)  # a bad flag fails now, not after generation
+        self.path, self.dtype, self.trust_remote_code = path, dtype, trust_remote_code
+        self.device = torch.device(device) if device is not None else None  # None: chosen when loading
+        if (
+            model is None
+        ):  # the folder, its config and tokenizer are checked now; the weights load on first use
+            config, tokenizer = open_reward_model(path, trust_remote_code)
             self.name = f"{path}@{model_fingerprint(path)}"
         else:
-            model = model.to(self.device)
-            self.name = path or type(model).__name__
-        self.model, self.tokenizer = model.eval(), tokenizer
-        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            config, self.name = model.config, path or type(model).__name__
+        self._model, self.tokenizer = model, tokenizer
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
         self.max_length = max_length if max_length is not None else positions or 4096
-        if self.max_length < 1:
-            raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
         self.batch_size, self.truncated = batch_size, 0
+
+    @property
+    def model(self):
+        """The model on its device, loaded on first use (so a pipeline can check it before generating)."""
+        if self._model is None or self.device is None:
+            self.device = self.device or accelerator_device()
+            if self._model is None:
+                dtype = (
+                    self.dtype
+                    if isinstance(self.dtype, torch.dtype)
+                    else default_dtype(self.device, self.dtype)
+                )
+                self._model = load_weights(self.path, dtype, self.device, self.trust_remote_code)
+            self._model = self._model.to(self.device).eval()
+        return self._model
 
     # ------------------------------------------------------------------ rendering
     def encode(self, prompt: Prompt, response: str) -> list[int]:
@@ -192,11 +209,12 @@ class RewardModelScorer:
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+        model = self.model
         pad = self._pad_id(ids, mask)
         ids[mask == 0] = pad
-        self.model.config.pad_token_id = pad
-        self.model.config.get_text_config().pad_token_id = pad
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        model.config.pad_token_id = pad
+        model.config.get_text_config().pad_token_id = pad
+        out = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return self._rewards(out, len(seqs))
 
     def _pad_id(self, ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -232,26 +250,38 @@ class RewardModelScorer:
         return score.float().reshape(batch).tolist()
 
 
-def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):
-    """`AutoModelForSequenceClassification` + tokenizer from a folder, refusing checkpoints without a score head."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def open_reward_model(path: str, trust_remote_code: bool):
+    """Config (refusing checkpoints without a score head) and tokenizer of a reward model folder."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
         raise ValueError(f"--reward-model {path}: folder not found")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # hub/offline/missing-file/remote-code errors: one cause
         raise ValueError(
             f"--reward-model {path}: cannot load a reward model ({_first_line(exc, trust_remote_code)})"
         ) from None
     check_score_head(path, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"--reward-model {path}: cannot load its tokenizer ({_first_line(exc, trust_remote_code)})"
+        ) from None
+    return config, tokenizer
+
+
+def load_weights(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):
+    """`AutoModelForSequenceClassification` on `device`; weights missing from the checkpoint are an error."""
+    from transformers import AutoModelForSequenceClassification
+
+    placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **placement
         )
-    except (OSError, ValueError, KeyError) as exc:  # hub/offline/missing-file/remote-code errors: one cause
+    except (OSError, ValueError, KeyError) as exc:
         raise ValueError(
             f"--reward-model {path}: cannot load a reward model ({_first_line(exc, trust_remote_code)})"
         ) from None
@@ -261,7 +291,7 @@ def load_reward_model(path: str, dtype: torch.dtype, device: torch.device, trust
             f"--reward-model {path}: {len(missing)} weight(s) are not in the checkpoint ({sorted(missing)[0]}, …), "
             "so the score head would be random; give a trained reward model"
         )
-    return model.to(device), tokenizer
+    return model
 
 
 def _first_line(exc: Exception, trust_remote_code: bool) -> str:
@@ -300,9 +330,12 @@ def part_name(index: int, count: int, first_id: str) -> str:
 
 
 def score(
-    candidates_dir: str, out_dir: str, scorer, chunk: int = 64, shard: str | None = None
+    candidates_dir: str, out_dir: str, scorer, chunk: int = 64, shard: str | None = "0/1"
 ) -> ScoreSummary:
-    """Score this shard's unfinished prompts, `chunk` prompts per part file; prints and returns the summary."""
+    """Score this shard's unfinished prompts, `chunk` prompts per part file; prints and returns the summary.
+
+    shard "i/n", or None for RANK/WORLD_SIZE of the launcher (the CLI's default); as a function it scores
+    every prompt unless told otherwise."""
     index, count = parse_shard(shard)
     rows = read_parts(candidates_dir)
     if not rows:
@@ -328,23 +361,28 @@ def score(
 
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
-    """The scorer's flags (shared with data_prep.pipeline and data_prep.evaluate)."""
+    """--reward / --reward-model and the reward model's flags (see add_reward_model_args)."""
     p.add_argument("--reward", default=None, help="module:function")
     p.add_argument(
         "--reward-model", default=None, help="a reward model folder (AutoModelForSequenceClassification)"
     )
+    add_reward_model_args(p)
+
+
+def add_reward_model_args(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --max-length, --trust-remote-code, and --dtype unless the parser has one (the pipeline's
+    and evaluate's --dtype, shared with generation)."""
     p.add_argument("--batch-size", type=int, default=32, help="reward model: sequences per forward")
     p.add_argument("--max-length", type=int, default=None,
-                   help="reward model: truncate each sequence to this many tokens (default: the model's context)")  # fmt: skip
-    p.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=None,
-        help="reward model (default bf16 on CUDA, fp32 on CPU)",
-    )
+                   help="reward model: keep the first N tokens of each sequence (default: the model's context)")  # fmt: skip
     p.add_argument(
         "--trust-remote-code", action="store_true", help="reward model: run the folder's own model code"
     )
+    try:
+        p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="model dtype; auto = bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
+    except argparse.ArgumentError:
+        pass  # already defined by the caller (one --dtype for the whole run)
 
 
 def make_scorer(reward: str | None, reward_model: str | None, **model_options):
@@ -355,9 +393,9 @@ def make_scorer(reward: str | None, reward_model: str | None, **model_options):
 
 
 def scorer_from_args(args):
-    """make_scorer from the flags of `add_scoring_args`."""
-    options = {"batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
-               "trust_remote_code": args.trust_remote_code}  # fmt: skip
+    """make_scorer from the flags of `add_scoring_args` (absent flags take their defaults)."""
+    options = {"batch_size": getattr(args, "batch_size", 32), "max_length": getattr(args, "max_length", None),
+               "dtype": getattr(args, "dtype", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}  # fmt: skip
     return make_scorer(args.reward, args.reward_model, **(options if args.reward_model else {}))
 
 
@@ -370,7 +408,10 @@ def main(argv: list[str] | None = None) -> ScoreSummary:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     add_scoring_args(p)
     args = p.parse_args(argv)
-    return score(args.candidates, args.out, scorer_from_args(args), args.chunk, args.shard)
+    try:
+        return score(args.candidates, args.out, scorer_from_args(args), args.chunk, args.shard)
+    except ValueError as exc:
+        raise SystemExit(f"score: error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -797,13 +797,19 @@ def rm_folders(tmp_path_factory):
     [
         ("causal_lm", "LlamaForCausalLM has no score head (a language model, not a reward model); give an AutoModelForSequenceClassification checkpoint with num_labels = 1"),
         ("two_labels", "a classifier with num_labels = 2; a reward model has one output (num_labels = 1) or returns .score"),
-        ("relabelled_lm", "1 weight(s) are not in the checkpoint (score.weight, …), so the score head would be random; give a trained reward model"),
         ("missing", "folder not found"),
     ],
 )  # fmt: skip
 def test_reward_model_without_a_score_head(rm_folders, folder, message):
     with fails(ValueError, re.escape(f"--reward-model {rm_folders / folder}: {message}")):
         make_scorer(None, str(rm_folders / folder), device="cpu")
+
+
+def test_reward_model_config_without_head_weights(rm_folders):
+    scorer = make_scorer(None, str(rm_folders / "relabelled_lm"), device="cpu")  # the config looks right
+    message = "1 weight(s) are not in the checkpoint (score.weight, …), so the score head would be random"
+    with fails(ValueError, re.escape(f"--reward-model {rm_folders / 'relabelled_lm'}: {message}")):
+        scorer.score_pairs([("alpha", "beta")])  # weights load on first use
 
 
 def test_reward_model_whose_output_is_not_one_number(rm_folders):
@@ -827,7 +833,7 @@ def test_reward_model_whose_output_is_not_one_number(rm_folders):
     [
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"max_length": -3}, "--max-length must be >= 1, got -3"),
-        ({"dtype": "fp8"}, "--dtype 'fp8': choose one of ['bf16', 'fp16', 'fp32']"),
+        ({"dtype": "fp8"}, "--dtype 'fp8': choose one of auto, bfloat16, float16, float32"),
     ],
 )  # fmt: skip
 def test_reward_model_bad_options(rm_folders, options, message):
