@@ -392,11 +392,15 @@ def make_scorer(reward: str | None, reward_model: str | None, **model_options):
     return FunctionScorer(reward) if reward else RewardModelScorer(reward_model, **model_options)
 
 
+def scorer_options(args) -> dict:
+    """The reward model's options from the flags of `add_reward_model_args` (absent flags: defaults)."""
+    return {"batch_size": getattr(args, "batch_size", 32), "max_length": getattr(args, "max_length", None),
+            "dtype": getattr(args, "dtype", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}  # fmt: skip
+
+
 def scorer_from_args(args):
-    """make_scorer from the flags of `add_scoring_args` (absent flags take their defaults)."""
-    options = {"batch_size": getattr(args, "batch_size", 32), "max_length": getattr(args, "max_length", None),
-               "dtype": getattr(args, "dtype", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}  # fmt: skip
-    return make_scorer(args.reward, args.reward_model, **(options if args.reward_model else {}))
+    """make_scorer from the flags of `add_scoring_args`."""
+    return make_scorer(args.reward, args.reward_model, **(scorer_options(args) if args.reward_model else {}))
 
 
 def main(argv: list[str] | None = None) -> ScoreSummary:
