@@ -268,3 +268,71 @@ def test_accelerator_device_and_dtype_without_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this process sees 2 CUDA device\(s\)"):
         accelerator_device()
+
+
+# ----------------------------------------------------------------------------- evaluate: generate + score pieces
+needs_engine = pytest.mark.skipif(
+    not hasattr(__import__("data_prep.generate").generate, "HfEngine"),
+    reason="data_prep.generate.HfEngine (the batched hf engine, branch i14-gen) is not merged yet",
+)
+
+
+@pytest.fixture(scope="module")
+def policy(tok_dir, tmp_path_factory):
+    from rainbowpo.tiny import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("policy")
+    tok = load_tok(tok_dir)
+    tok.pad_token = tok.convert_ids_to_tokens(0)
+    build_tiny_model(tok, str(folder), hidden=32, layers=2, heads=4, kv_heads=2, seed=3)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, (p, _) in enumerate(PAIRS))
+    )
+    return folder
+
+
+@needs_engine
+def test_evaluate_with_a_reward_model_scores_its_answers(policy, custom_rm, tmp_path, capsys):
+    from data_prep import evaluate
+
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(policy), "--prompts", str(policy / "prompts.jsonl"), "--reward-model", str(custom_rm),
+            "--trust-remote-code", "--max-new-tokens", "6", "--batch-prompts", "3", "--batch-size", "5",
+            "--temperature", "1.0", "--n", "2", "--out", str(out)]  # fmt: skip
+    result = evaluate.main(argv)
+    assert json.loads(out.read_text())["mean_reward"] == result["mean_reward"]
+    assert (
+        result["prompts"] == len(PAIRS) and result["samples_per_prompt"] == 2 and result["solve_rate"] is None
+    )
+    scorer = rm_scorer(custom_rm, batch_size=1)
+    for item in result["answers"]:  # each answer's reward = the reward model on (prompt, answer) alone
+        assert len(item["answers"]) == 2
+        assert item["rewards"] == pytest.approx(
+            scorer.score_pairs([(item["prompt"], a) for a in item["answers"]]), abs=1e-5
+        )
+    per_prompt = [sum(a["rewards"]) / 2 for a in result["answers"]]
+    assert result["rewards"] == pytest.approx(per_prompt) and result["mean_reward"] == pytest.approx(
+        sum(per_prompt) / len(PAIRS)
+    )
+    line = capsys.readouterr().out
+    assert (
+        f"of {len(PAIRS)} prompts, {2 * len(PAIRS)} answers scored, 0 skipped (too long), 0 truncated" in line
+    )
+
+
+@needs_engine
+def test_evaluate_greedy_with_a_reward_function_does_not_depend_on_batching(policy):
+    from data_prep import evaluate
+
+    def run(batch_prompts):
+        return evaluate.evaluate(str(policy), str(policy / "prompts.jsonl"), "data_prep.tasks.sort_task:reward",
+                                 max_new_tokens=6, batch_prompts=batch_prompts)  # fmt: skip
+
+    one, four = run(1), run(4)
+    assert [a["answers"] for a in one["answers"]] == [a["answers"] for a in four["answers"]]
+    assert (
+        one["solve_rate"] is not None
+        and one["samples_per_prompt"] == 1
+        and one["mean_reward"] == four["mean_reward"]
+    )
