@@ -322,12 +322,16 @@ def test_evaluate_with_a_reward_model_scores_its_answers(policy, custom_rm, tmp_
 
 
 @needs_engine
-def test_evaluate_greedy_with_a_reward_function_does_not_depend_on_batching(policy):
+def test_evaluate_greedy_with_a_reward_function_does_not_depend_on_batching(policy, tmp_path):
     from data_prep import evaluate
+    from data_prep.tasks import sort_task
+
+    prompts = tmp_path / "sort.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in sort_task.make_prompts(5, seed=0)))
 
     def run(batch_prompts):
-        return evaluate.evaluate(str(policy), str(policy / "prompts.jsonl"), "data_prep.tasks.sort_task:reward",
-                                 max_new_tokens=6, batch_prompts=batch_prompts)  # fmt: skip
+        return evaluate.evaluate(str(policy), str(prompts), "data_prep.tasks.sort_task:reward",
+                                 max_new_tokens=4, batch_prompts=batch_prompts)  # fmt: skip
 
     one, four = run(1), run(4)
     assert [a["answers"] for a in one["answers"]] == [a["answers"] for a in four["answers"]]
