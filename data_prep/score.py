@@ -159,6 +159,11 @@ class RewardModelScorer:
             self._model = self._model.to(self.device).eval()
         return self._model
 
+    def load(self) -> RewardModelScorer:
+        """Load the weights now (e.g. before timing `score_pairs`); returns the scorer."""
+        _ = self.model
+        return self
+
     # ------------------------------------------------------------------ rendering
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of one (prompt, response): the RM's chat template, else prompt ids + response ids."""

@@ -251,6 +251,21 @@ def test_stage_sharded_equals_one_process_and_summarizes(custom_rm, tmp_path, ca
     assert again.prompts == 0 and len(read_parts(str(tmp_path / "two"))) == 9
 
 
+def test_cli_shards_by_launcher_rank_and_loads_lazily(custom_rm, tmp_path, monkeypatch, capsys):
+    rows = write_candidates(tmp_path / "cands")
+    scorer = rm_scorer(custom_rm)
+    assert scorer._model is None and scorer.load() is scorer and scorer._model is not None
+    argv = ["--candidates", str(tmp_path / "cands"), "--out", str(tmp_path / "scored"), "--reward-model",
+            str(custom_rm), "--trust-remote-code", "--batch-size", "4", "--dtype", "float32"]  # fmt: skip
+    for rank in (1, 0):  # as under `deepspeed --num_gpus 2 --module data_prep.score`
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        mine = [r["id"] for r in rows if score.shard_of(r["id"], 2) == rank]
+        assert score.main(argv).prompts == len(mine) > 0
+        assert f"score: {len(mine)} prompts, {3 * len(mine)} candidates scored" in capsys.readouterr().out
+    assert sorted(r["id"] for r in read_parts(str(tmp_path / "scored"))) == sorted(r["id"] for r in rows)
+
+
 def test_accelerator_device_and_dtype_without_gpu(monkeypatch):
     from data_prep.common import accelerator_device, default_dtype
 
