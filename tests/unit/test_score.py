@@ -89,7 +89,7 @@ def tok_dir(tmp_path_factory):
 def load_tok(folder, padding_side="right"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), padding_side=padding_side)
+    return AutoTokenizer.from_pretrained(str(folder), padding_side=padding_side, trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,9 @@ def test_stock_classifier_reads_logits_and_concatenates_without_template(stock_r
         expected = [scorer.model(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
     assert scorer.score_pairs(PAIRS) == pytest.approx(expected, abs=1e-5)
     assert [scorer.encode(p, r) for p, r in PAIRS] == ids
+    half = score.make_scorer(None, str(stock_rm), batch_size=3, device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16  # --dtype; the rewards come back as floats near fp32's
+    assert half.score_pairs(PAIRS) == pytest.approx(expected, abs=0.05)
 
 
 def test_in_process_model_and_conversational_rows(custom_rm):
