@@ -132,9 +132,7 @@ class RewardModelScorer:
             default_dtype("cpu", dtype)  # a bad flag fails now, not after generation
         self.path, self.dtype, self.trust_remote_code = path, dtype, trust_remote_code
         self.device = torch.device(device) if device is not None else None  # None: chosen when loading
-        if (
-            model is None
-        ):  # the folder, its config and tokenizer are checked now; the weights load on first use
+        if model is None:  # the folder, its config and tokenizer are checked now; weights load on first use
             config, tokenizer = open_reward_model(path, trust_remote_code)
             self.name = f"{path}@{model_fingerprint(path)}"
         else:
@@ -150,11 +148,9 @@ class RewardModelScorer:
         if self._model is None or self.device is None:
             self.device = self.device or accelerator_device()
             if self._model is None:
-                dtype = (
-                    self.dtype
-                    if isinstance(self.dtype, torch.dtype)
-                    else default_dtype(self.device, self.dtype)
-                )
+                dtype = self.dtype
+                if not isinstance(dtype, torch.dtype):
+                    dtype = default_dtype(self.device, dtype)
                 self._model = load_weights(self.path, dtype, self.device, self.trust_remote_code)
             self._model = self._model.to(self.device).eval()
         return self._model
