@@ -64,6 +64,40 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# ----------------------------------------------------------------------------- model placement (score, evaluate)
+DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices, besides "auto"; bf16/fp16/fp32 also accepted
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def accelerator_device(local_rank: int | None = None):
+    """`cuda:LOCAL_RANK` where CUDA is present (LOCAL_RANK from the launcher, 0 alone), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    count = torch.cuda.device_count()
+    if not 0 <= rank < count:
+        raise ValueError(
+            f"LOCAL_RANK={rank} but this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "start at most one process per visible GPU"
+        )
+    return torch.device("cuda", rank)
+
+
+def default_dtype(device, flag: str | None = None):
+    """`--dtype bfloat16|float16|float32` (or bf16|fp16|fp32) when given; None/auto: bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if flag in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    name = _DTYPE_ALIASES.get(flag, flag)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {flag!r}: choose one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def prompt_ids_of(rows: list[dict]) -> list[dict]:
     """Give every prompt row a string id (its line number when the file has none); ids must be unique."""
     out, seen = [], set()

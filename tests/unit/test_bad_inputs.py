@@ -759,3 +759,83 @@ def test_select_bad_pairing_and_sampler_arguments(tmp_path, kwargs, message):
     args = {"method": "rso", "k": 4, "beta": 0.5, "min_gap": 0.0, "seed": 0, **kwargs}
     with fails(ValueError, message):
         select(str(tmp_path / "scored"), str(tmp_path / "pairs.jsonl"), **args)
+
+
+# ----------------------------------------------------------------------------- data prep: reward models
+
+
+@pytest.fixture(scope="module")
+def rm_folders(tmp_path_factory):
+    """A causal-LM checkpoint, a two-label classifier and a one-label reward model on a tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rainbowpo.tiny import build_tiny_model, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("rms")
+    tok = train_sentencepiece(
+        [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 20, str(root / "tok")
+    )
+    build_tiny_model(tok, str(root / "causal_lm"), hidden=16, layers=1, heads=2, kv_heads=1)
+    size = {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+    for name, labels in (("two_labels", 2), ("rm", 1)):
+        LlamaForSequenceClassification(LlamaConfig(**size, num_labels=labels)).save_pretrained(
+            str(root / name)
+        )
+        tok.save_pretrained(str(root / name))
+    build_tiny_model(tok, str(root / "relabelled_lm"), hidden=16, layers=1, heads=2, kv_heads=1)
+    config = json.loads((root / "relabelled_lm" / "config.json").read_text())  # says classifier, has no head
+    config.update(
+        architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
+    (root / "relabelled_lm" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("causal_lm", "LlamaForCausalLM has no score head (a language model, not a reward model); give an AutoModelForSequenceClassification checkpoint with num_labels = 1"),
+        ("two_labels", "a classifier with num_labels = 2; a reward model has one output (num_labels = 1) or returns .score"),
+        ("missing", "folder not found"),
+    ],
+)  # fmt: skip
+def test_reward_model_without_a_score_head(rm_folders, folder, message):
+    with fails(ValueError, re.escape(f"--reward-model {rm_folders / folder}: {message}")):
+        make_scorer(None, str(rm_folders / folder), device="cpu")
+
+
+def test_reward_model_config_without_head_weights(rm_folders):
+    scorer = make_scorer(None, str(rm_folders / "relabelled_lm"), device="cpu")  # the config looks right
+    message = "1 weight(s) are not in the checkpoint (score.weight, …), so the score head would be random"
+    with fails(ValueError, re.escape(f"--reward-model {rm_folders / 'relabelled_lm'}: {message}")):
+        scorer.score_pairs([("alpha", "beta")])  # weights load on first use
+
+
+def test_reward_model_whose_output_is_not_one_number(rm_folders):
+    from transformers import AutoModelForSequenceClassification
+
+    from data_prep.score import RewardModelScorer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_folders / "two_labels"))
+    scorer = RewardModelScorer(
+        "two-label", model=model, tokenizer=make_scorer(None, str(rm_folders / "rm")).tokenizer
+    )
+    message = (
+        "--reward-model two-label: the model returns logits of shape (1, 2); a reward model gives one number"
+    )
+    with fails(ValueError, re.escape(message)):
+        scorer.score_pairs([("alpha", "beta")])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"max_length": -3}, "--max-length must be >= 1, got -3"),
+        ({"dtype": "fp8"}, "--dtype 'fp8': choose one of auto, bfloat16, float16, float32"),
+    ],
+)  # fmt: skip
+def test_reward_model_bad_options(rm_folders, options, message):
+    with fails(ValueError, re.escape(message)):
+        make_scorer(None, str(rm_folders / "rm"), device="cpu", **options)
