@@ -350,29 +350,45 @@ BAD_ROWS = {
     "empty_response": ({"prompt": "a", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
     "chosen_equals_rejected": ({"prompt": "a", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
     "message_without_content": ({"prompt": [{"role": "user"}], "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
-                                "'prompt' must be a non-empty list of {role, content} string messages"),
+                                "'prompt' must be a non-empty list of {role, content} messages; message 0 is {'role': 'user'}"),
     "message_content_not_string": ({"prompt": msgs("user", 1), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
-                                   "'prompt' must be a non-empty list of {role, content} string messages"),
+                                   "'prompt' must be a non-empty list of {role, content} messages; message 0 is {'role': 'user', 'content': 1}"),
     "messages_not_a_list": ({"prompt": msgs("user", "q"), "chosen": {"role": "assistant", "content": "x"}, "rejected": msgs("assistant", "y")},
-                            "'chosen' must be a non-empty list of {role, content} string messages"),
+                            "'chosen' must be a non-empty list of {role, content} messages, got {'role': 'assistant', 'content': 'x'}"),
     "empty_message_response": ({"prompt": msgs("user", "q"), "chosen": msgs("assistant", " "), "rejected": msgs("assistant", "y")},
-                               "'chosen' has no response content"),
+                               "'chosen': the final assistant turn has no content"),
     "implicit_no_common_prompt": ({"chosen": msgs("user", "x"), "rejected": msgs("user", "y")},
-                                  "chosen and rejected share no prompt messages (implicit format)"),
+                                  "'chosen' and 'rejected' share no leading messages, so they hold no prompt (implicit format"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("row, message", BAD_ROWS.values(), ids=BAD_ROWS.keys())
 def test_bad_row_names_file_row_and_fix(tmp_path, toks, row, message):
-    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}; fix the row or set data.on_bad_row: skip")):  # fmt: skip
-        load(tmp_path, [STANDARD, row], toks["bpe_chat"])
+    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}")):  # fmt: skip
+        load(tmp_path, [good_row_like(row), row], toks["bpe_chat"])
+
+
+def good_row_like(row: dict) -> dict:
+    """A good first row of the bad row's format (a source holds one format, decided by its first row)."""
+    if isinstance(row.get("prompt"), list):
+        return {
+            "prompt": msgs("user", "q"),
+            "chosen": msgs("assistant", "x"),
+            "rejected": msgs("assistant", "y"),
+        }
+    if "prompt" not in row and isinstance(row.get("chosen"), list):
+        return {
+            "chosen": msgs("user", "q") + msgs("assistant", "x"),
+            "rejected": msgs("user", "q") + msgs("assistant", "y"),
+        }
+    return STANDARD
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"messages": msgs("user", "x")}, "'messages' must end with an assistant turn after a prompt"),
-        ({"messages": []}, "'messages' must be a non-empty list of {role, content} string messages"),
+        ({"messages": msgs("user", "x")}, "'messages' must hold a prompt and a final assistant turn"),
+        ({"messages": []}, "'messages' must be a non-empty list of {role, content} messages, got []"),
         (
             {"prompt": msgs("user", "x"), "completion": msgs("assistant", 5)},
             "'completion' must be a non-empty list",
@@ -396,9 +412,8 @@ def test_bad_rows_skipped_and_counted_by_kind(tmp_path, toks):
     rows = [STANDARD] + [row for row, _ in BAD_ROWS.values()]
     exs, summary = load(tmp_path, rows, toks["bpe_chat"], on_bad_row="skip")
     assert len(exs) == 1 and summary.read == 1 + len(BAD_ROWS)
-    assert summary.skipped == {
-        "missing_column": 2, "not_a_string": 1, "empty": 3, "chosen_equals_rejected": 1,
-        "broken_messages": 3, "no_common_prompt": 1,
+    assert summary.skipped == {  # message rows in this standard source (first row) are mixed formats
+        "missing_column": 2, "not_a_string": 1, "empty": 2, "chosen_equals_rejected": 1, "mixed_formats": 5,
     }  # fmt: skip
     assert "skipped bad rows {" in summary.format()
 
@@ -415,11 +430,11 @@ def test_all_rows_bad_with_skip_is_an_error(tmp_path, toks):
 def test_conversational_rows_without_chat_template_fail_even_with_skip(tmp_path, toks):
     row = {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")}
     message = (
-        "data.train[0] rows.jsonl row 2 is conversational but the tokenizer has no chat template; add one"
+        "data.train[0] rows.jsonl row 1 is conversational but the tokenizer has no chat template; add one"
     )
     for on_bad_row in ("error", "skip"):
         with fails(ValueError, re.escape(message)):
-            load(tmp_path, [STANDARD, row], toks["bpe"], on_bad_row=on_bad_row)
+            load(tmp_path, [row, row], toks["bpe"], on_bad_row=on_bad_row)
 
 
 # ----------------------------------------------------------------------------- data: truncation

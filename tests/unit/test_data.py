@@ -55,8 +55,12 @@ def test_conversational_and_implicit(tmp_path, toks, name):
     prompt_text = tok.apply_chat_template(CONVERSATION["prompt"], tokenize=False, add_generation_prompt=True)
     assert tok.decode(ex.prompt_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     assert prompt_text.endswith("assistant\n")
-    assert tok.decode(ex.chosen_ids[:-1]).strip().startswith("one two")
-    assert ex.chosen_ids[-1] == tok.eos_token_id and ex.chosen_ids.count(tok.eos_token_id) == 1
+    assert tok.decode(ex.chosen_ids, skip_special_tokens=False).startswith("one two<|im_end|>")
+    if name == "bpe_chat":  # <|im_end|> is a special token: the template's end of turn, no EOS after it
+        assert tok.eos_token_id not in ex.chosen_ids
+        assert ex.chosen_ids == tok("one two<|im_end|>\n", add_special_tokens=False).input_ids
+    else:  # "<|im_end|>" is plain text to this tokenizer: the response still ends with EOS, once
+        assert ex.chosen_ids[-1] == tok.eos_token_id and ex.chosen_ids.count(tok.eos_token_id) == 1
     implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
                 "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}  # fmt: skip
     (ex2,), _ = load(tmp_path, [implicit], tok)
@@ -102,7 +106,7 @@ BAD_ROWS = [
     ({"prompt": "a", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
     ({"prompt": "a", "chosen": "same", "rejected": "same"}, "identical"),
     ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}],
-      "rejected": [{"role": "assistant", "content": "y"}]}, "list of {role, content}"),
+      "rejected": [{"role": "assistant", "content": "y"}]}, "'prompt' is a message list but this source's rows are standard"),
 ]  # fmt: skip
 
 
@@ -114,11 +118,19 @@ def test_bad_rows_name_source_row_and_problem(tmp_path, toks, row, message):
     assert "data.train[0] rows.jsonl row 2" in text and message in text and "on_bad_row: skip" in text
 
 
+def test_broken_message_list(tmp_path, toks):
+    broken = {"prompt": [{"role": "user"}], "chosen": "x", "rejected": "y"}
+    with pytest.raises(
+        ValueError, match=r"row 2: 'prompt' must be a non-empty list of \{role, content\} messages"
+    ):
+        load(tmp_path, [CONVERSATION, broken], toks["sp_chat"])
+
+
 def test_bad_rows_skipped_and_counted(tmp_path, toks):
     rows = [STANDARD] + [row for row, _ in BAD_ROWS]
     exs, s = load(tmp_path, rows, toks["sp_chat"], on_bad_row="skip")
     assert len(exs) == 1 and sum(s.skipped.values()) == len(BAD_ROWS)
-    assert s.skipped["empty"] == 2 and s.skipped["missing_column"] == 1
+    assert s.skipped["empty"] == 2 and s.skipped["missing_column"] == 1 and s.skipped["mixed_formats"] == 1
     with pytest.raises(ValueError, match="no usable rows"):
         load(tmp_path, rows[1:], toks["sp_chat"], on_bad_row="skip")
 
