@@ -774,3 +774,55 @@ def test_select_bad_pairing_and_sampler_arguments(tmp_path, kwargs, message):
     args = {"method": "rso", "k": 4, "beta": 0.5, "min_gap": 0.0, "seed": 0, **kwargs}
     with fails(ValueError, message):
         select(str(tmp_path / "scored"), str(tmp_path / "pairs.jsonl"), **args)
+
+
+# ----------------------------------------------------------------------------- data: formats (issue 15)
+
+CONV_OK = {
+    "chosen": msgs("user", "q") + msgs("assistant", "x"),
+    "rejected": msgs("user", "q") + msgs("assistant", "y"),
+}
+FORMAT_ROWS = {
+    "no_shared_prefix": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "x"), "rejected": msgs("user", "other") + msgs("assistant", "y")},
+                         "'chosen' and 'rejected' share no leading messages, so they hold no prompt (implicit format: both must start with the same prompt turns)"),
+    "last_turn_not_assistant": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "x") + msgs("user", "more"), "rejected": CONV_OK["rejected"]},
+                                "'chosen': the last message is a 'user' turn; a response must end with an assistant turn"),
+    "user_turn_in_response": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "a") + msgs("user", "b") + msgs("assistant", "x"),
+                                        "rejected": msgs("user", "q") + msgs("assistant", "a") + msgs("user", "c") + msgs("assistant", "y")},
+                              "'chosen': the response after the prompt holds a 'user' turn; only the final assistant turn(s) may follow the prompt"),
+    "mixed_formats_conversational_in_standard": (STANDARD, {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
+                                                 "'prompt' is a message list but this source's rows are standard ('prompt' a string; decided by its first row or data.format): one source holds one format"),
+    "mixed_formats_string_in_implicit": (CONV_OK, STANDARD,
+                                         "'chosen' is a string but this source's rows are implicit ('chosen' a message list;"),
+    "string_prompt_disagrees_with_conversations": ({"prompt": "q", **CONV_OK}, {"prompt": "not q", **CONV_OK},
+                                                   "'prompt' ('not q') is not the last user turn that 'chosen' and 'rejected' share ('q'): the prompt column and the conversations disagree"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("first, row, message", FORMAT_ROWS.values(), ids=FORMAT_ROWS.keys())
+def test_bad_format_row_names_file_row_and_key(tmp_path, toks, first, row, message):
+    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}")):
+        load(tmp_path, [first, row], toks["bpe_chat"])
+
+
+def test_chat_template_that_breaks_the_prompt_prefix(tmp_path, toks):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toks["bpe_dir"])
+    tok.chat_template = (  # the generation prompt opens a think block the finished turn does not have
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\nthink{% endif %}"
+    )
+    message = "data.train[0] rows.jsonl row 1: the chat template renders prompt + response so that it does not start with the prompt rendered with add_generation_prompt=True: they part at token"  # fmt: skip
+    with fails(ValueError, re.escape(message) + ".*check data.chat_template_kwargs"):
+        load(tmp_path, [CONV_OK], tok)
+
+
+def test_chat_template_kwargs_must_be_a_mapping():
+    with fails(ConfigError, re.escape("data.chat_template_kwargs: expected a mapping, got 'thinking'")):
+        load_config(None, BASE + ["data.chat_template_kwargs=thinking"])
+
+
+def test_max_prompt_length_not_below_max_length():
+    with fails(ConfigError, re.escape("data.max_prompt_length: must be in (0, data.max_length), got 512")):
+        load_config(None, BASE + ["data.max_length=512", "data.max_prompt_length=512"])
