@@ -582,7 +582,10 @@ def test_resume_path_that_is_not_a_complete_checkpoint(ckpt_root):
 @pytest.fixture
 def cache(tmp_path):
     folder = str(tmp_path / "ref_cache" / "abc")
-    reference._write_cache(folder, "abc", torch.zeros(3, 2, dtype=torch.float64), None)
+    empty = torch.zeros(0, 2, dtype=torch.float64)
+    reference._write_cache(
+        folder, "abc", {"train": (torch.zeros(3, 2, dtype=torch.float64), None), "eval": (empty, None)}
+    )
     return folder
 
 
@@ -826,3 +829,22 @@ def test_chat_template_kwargs_must_be_a_mapping():
 def test_max_prompt_length_not_below_max_length():
     with fails(ConfigError, re.escape("data.max_prompt_length: must be in (0, data.max_length), got 512")):
         load_config(None, BASE + ["data.max_length=512", "data.max_prompt_length=512"])
+
+
+def test_reference_cache_eval_table_is_its_own(tmp_path):
+    from types import SimpleNamespace
+
+    folder = str(tmp_path / "ref_cache" / "k")
+    train, evals = (
+        torch.arange(6, dtype=torch.float64).reshape(3, 2),
+        -torch.arange(4, dtype=torch.float64).reshape(2, 2),
+    )
+    reference._write_cache(folder, "k", {"train": (train, None), "eval": (evals, None)})
+    ref = reference._read_cache(folder, "k", 3, False, eval_rows=2)
+    batch = SimpleNamespace(row_ids=torch.tensor([1]), input_ids=torch.zeros(1))
+    assert ref.stats(batch, "train")[0].tolist() == [2.0, 3.0] and ref.stats(batch, "eval")[0].tolist() == [
+        -2.0,
+        -3.0,
+    ]
+    with fails(ValueError, re.escape(f"reference cache {folder} was built for other weights/data")):
+        reference._read_cache(folder, "k", 3, False, eval_rows=5)
