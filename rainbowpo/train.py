@@ -240,6 +240,11 @@ def print_header(run: Run, summary, attn: str) -> None:
         f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
         f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
     )
+    if run.planner.dropped_per_epoch:
+        print(
+            f"{run.planner.dropped_per_epoch} pairs per epoch left out (fewer than the "
+            f"{dist.world_size * run.grad_accum} micro-batches of a step; a different few each epoch)"
+        )
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 

@@ -180,8 +180,10 @@ LENGTHS = [random.Random(i).randint(10, 100) for i in range(19)]
 
 
 @pytest.mark.parametrize("world, accum, budget", [(1, 2, 0), (2, 2, 0), (3, 1, 0), (2, 2, 60), (3, 2, 50)])
-def test_every_pair_once_per_epoch(world, accum, budget):
+def test_every_pair_at_most_once_per_epoch(world, accum, budget):
     planner = StepPlanner(LENGTHS, 8, world, accum, seed=0, micro_batch_tokens=budget)
+    # 19 = 8 + 8 + 3: the 3 form their own step when 3 >= world × accum micro-batches, else are dropped
+    assert planner.dropped_per_epoch == (3 if world * accum > 3 else 0)
     for epoch in range(2):
         seen = []
         for step in range(planner.steps_per_epoch):
@@ -189,7 +191,7 @@ def test_every_pair_once_per_epoch(world, accum, budget):
             assert len(plan) == world and all(len(r) == accum and all(r) for r in plan)
             seen += [i for rank in plan for micro in rank for i in micro]
             assert planner.pairs_in_step(epoch, step) == sum(len(m) for rank in plan for m in rank)
-        assert sorted(seen) == list(range(19))
+        assert len(seen) == len(set(seen)) == 19 - planner.dropped_per_epoch
 
 
 def test_deterministic_different_per_epoch_and_restorable():
@@ -206,11 +208,36 @@ def test_no_shuffle_keeps_file_order_every_epoch():
     assert planner.step_pairs(0, 1) == list(range(8, 16)) == planner.step_pairs(2, 1)
 
 
-def test_remainder_merged_and_too_few_pairs():
+def test_remainder_dropped_or_own_step_and_too_few_pairs():
     planner = StepPlanner(list(range(1, 20)), 8, 2, 2, seed=0)  # 19 = 8 + 8 + 3, and 3 < 4 micro-batches
-    assert planner.steps_per_epoch == 2 and planner.pairs_in_step(0, 1) == 11
+    assert (
+        planner.steps_per_epoch == 2 and planner.pairs_in_step(0, 1) == 8 and planner.dropped_per_epoch == 3
+    )
+    assert planner.step_pairs(0, 0) + planner.step_pairs(0, 1) != planner.step_pairs(
+        1, 0
+    ) + planner.step_pairs(1, 1)
+    planner = StepPlanner(list(range(1, 22)), 8, 2, 2, seed=0)  # 21 = 8 + 8 + 5: a 5-pair last step
+    assert (
+        planner.steps_per_epoch == 3 and planner.pairs_in_step(0, 2) == 5 and planner.dropped_per_epoch == 0
+    )
     with pytest.raises(ValueError, match="cannot fill"):
         StepPlanner([5, 5, 5], 8, 2, 2, seed=0)
+
+
+@pytest.mark.parametrize("world, micro", [(1, 1), (1, 4), (2, 2), (3, 1), (2, 3)])
+def test_no_micro_batch_exceeds_micro_batch_pairs(world, micro):
+    for steps in (1, 2, 3):
+        global_pairs = world * micro * steps
+        accum = global_pairs // (world * micro)
+        for n in range(world * accum, 5 * global_pairs + 3):
+            planner = StepPlanner([1] * n, global_pairs, world, accum, seed=n)
+            seen = []
+            for step in range(planner.steps_per_epoch):
+                plan = planner.step_plan(0, step)
+                assert all(1 <= len(mb) <= micro for rank in plan for mb in rank), (n, step)
+                seen += [i for rank in plan for mb in rank for i in mb]
+            assert len(set(seen)) == len(seen) == n - planner.dropped_per_epoch
+            assert planner.dropped_per_epoch < world * accum
 
 
 def test_token_budget_bins_are_balanced():
