@@ -176,6 +176,7 @@ def setup(cfg: Config) -> Run:
         lambda exs: make_batch(cfg, tokenizer, exs),
         grad_accum,
         attn,
+        eval_set if mode == "preference" else (),
     )
     timings["reference_s"] = time.perf_counter() - clock
     run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
@@ -239,6 +240,11 @@ def print_header(run: Run, summary, attn: str) -> None:
         f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
         f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
     )
+    if run.planner.dropped_per_epoch:
+        print(
+            f"{run.planner.dropped_per_epoch} pairs per epoch left out (fewer than the "
+            f"{dist.world_size * run.grad_accum} micro-batches of a step; a different few each epoch)"
+        )
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 
@@ -259,7 +265,9 @@ def loop(run: Run) -> dict:
         step = run.state["step"]
         last_step = step == run.total_steps
         if run.eval_set and _due(cfg.train.eval_every, step, last_step):
-            run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
+            run.logger.log(
+                {**evaluate(run, run.eval_set, "eval"), "step": step, "epoch": _epoch(run, step)}, "eval/"
+            )
         if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
             save(run, root)
         if last_step:
@@ -307,7 +315,7 @@ def train_step(run: Run, step: int) -> dict:
     return {**record, "epoch": _epoch(run, step + 1), "step": step + 1}
 
 
-def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_losses(run: Run, batch, train: bool, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair (SFT: per-example) losses [B] and the summed metric vector of METRIC_KEYS (detached, fp64)."""
     forward = run.policy.forward if train else run.policy.evaluate
     logp, _ = forward(batch)
@@ -317,7 +325,7 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
         metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=logp.device)
         metrics[0], metrics[5] = losses.detach().sum(), logp.detach().sum()
         return losses, metrics
-    ref_logp, ref_entropy = run.reference.stats(batch)
+    ref_logp, ref_entropy = run.reference.stats(batch, split)  # a cached reference looks rows up per split
     out = preference_loss(
         run.objective,
         logp[0::2],
@@ -337,7 +345,7 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
+def evaluate(run: Run, examples: list, split: str, limit: int | None = None) -> dict:
     """Metrics on `examples`, sharded over ranks; every rank runs the same number of forwards (ZeRO-3)."""
     micro, world = run.cfg.train.micro_batch_pairs, run.dist.world_size
     chunks = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)][:limit]
@@ -347,7 +355,7 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
     for i in range(n_forwards):
         chunk = mine[i] if i < len(mine) else chunks[0]  # a repeat keeps collectives in step; not counted
         batch = make_batch(run.cfg, run.tokenizer, [examples[j] for j in chunk]).to(run.dist.device)
-        _, metrics = compute_losses(run, batch, train=False)
+        _, metrics = compute_losses(run, batch, train=False, split=split)
         if i < len(mine):
             sums += metrics
     sums = ds.all_reduce_sum(sums).cpu()
@@ -357,7 +365,7 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
 
 def verify_settings(run: Run) -> None:
     """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours."""
-    metrics = evaluate(run, run.train_set, limit=run.dist.world_size)
+    metrics = evaluate(run, run.train_set, "train", limit=run.dist.world_size)
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
         print(f"verifying settings on one micro-batch per rank: {shown}")
