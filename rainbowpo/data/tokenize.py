@@ -8,17 +8,23 @@ special tokens and exactly one EOS appended. Response token counts include that 
 
 from __future__ import annotations
 
-import statistics
+import json
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tqdm.auto import tqdm
+import datasets
+import numpy as np
+import pyarrow.compute as pc
 
 from rainbowpo.config import DataConfig, SourceConfig
+from rainbowpo.data import cache
+from rainbowpo.data.cache import TokenizedSet
 from rainbowpo.data.formats import BadRow, row_texts
 from rainbowpo.data.render import encode_prompt
-from rainbowpo.data.sources import load_rows
+from rainbowpo.data.sources import ROW_INDEX, SourceRow, load_tables
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,10 @@ class DataSummary:
     response_lengths: list[int] = field(default_factory=list)
 
     def format(self) -> str:
-        def stats(xs: list[int]) -> str:
-            return f"mean {statistics.fmean(xs):.1f} max {max(xs)}" if xs else "-"
+        def stats(xs) -> str:  # lists, or the cache's numpy arrays
+            return f"mean {np.mean(xs):.1f} max {np.max(xs)}" if len(xs) else "-"
 
-        total = sum(self.prompt_lengths) + sum(self.response_lengths)
+        total = int(np.sum(self.prompt_lengths) + np.sum(self.response_lengths))
         return (
             f"data: {self.read} rows read, {self.kept} kept, {self.truncated} truncated, "
             f"dropped {dict(self.dropped) or 0}, skipped bad rows {dict(self.skipped) or 0} | "
@@ -69,58 +75,134 @@ class DataSummary:
 
 def load_examples(
     data: DataConfig, sources: list[SourceConfig], tokenizer, mode: Literal["preference", "sft"], seed: int
-) -> tuple[list, DataSummary]:
-    """Read, validate, tokenize and truncate; returns examples (row_id 0..N-1) and the summary."""
+) -> tuple[TokenizedSet, DataSummary]:
+    """Read, validate, tokenize and truncate — once: local rank 0 builds the cache (rainbowpo.data.cache),
+    the other ranks and later runs memory-map it. Returns the rows (row_id 0..N-1) and the summary."""
     if tokenizer.eos_token_id is None:
         raise ValueError(
             "the tokenizer has no EOS token: set tokenizer.eos_token (every response must end with one)"
         )
     label = "data.eval" if sources is data.eval and sources is not data.train else "data.train"
-    rows = load_rows(sources, seed, label)
-    summary = DataSummary(read=len(rows))
-    examples: list = []
-    for item in tqdm(rows, desc="tokenize", disable=len(rows) < 5000):
-        try:
-            texts = row_texts(item.row, data.format, mode, tokenizer)
-        except BadRow as bad:
-            if (
-                bad.kind == "no_chat_template"
-            ):  # the tokenizer's problem, not the row's: skipping would drop them all
-                raise ValueError(
-                    f"{item.source} row {item.index} is conversational but the tokenizer has no chat template; "
-                    "add one to the model folder's tokenizer_config.json or use string rows"
-                ) from None
-            if data.on_bad_row == "skip":
-                summary.skipped[bad.kind] += 1
-                continue
-            raise ValueError(
-                f"{item.source} row {item.index}: {bad}; fix the row or set data.on_bad_row: skip"
-            ) from None
-        ids = truncate(
-            data,
-            tokenizer,
-            encode_prompt(tokenizer, texts.prompt),
-            [encode_response(tokenizer, r) for r in texts.responses],
-            summary,
-        )
-        if ids is None:
-            continue
-        prompt, responses = ids
-        row_id = len(examples)
-        examples.append(
-            PairExample(row_id, prompt, *responses)
-            if mode == "preference"
-            else SFTExample(row_id, prompt, responses[0])
-        )
-        summary.prompt_lengths.append(len(prompt))
-        summary.response_lengths.extend(len(r) for r in responses)
-    summary.kept = len(examples)
-    if not examples:
+    k = 3 if mode == "preference" else 2
+    key = cache.cache_key(data, sources, tokenizer, mode, seed)
+    folder, _ = cache.load_or_build(
+        data.cache_dir or cache.default_cache_dir(),
+        key,
+        lambda tmp: _build(tmp, key, data, sources, tokenizer, mode, seed, label),
+    )
+    ids, offsets, counts = cache.read(folder, k)
+    examples = cache.TokenizedSet(ids, offsets, k, PairExample if k == 3 else SFTExample, folder)
+    lengths = examples.lengths()
+    summary = DataSummary(prompt_lengths=lengths[:, 0], response_lengths=lengths[:, 1:].ravel())
+    for name, value in counts.items():
+        setattr(summary, name, Counter(value) if isinstance(value, dict) else value)
+    return examples, summary
+
+
+def _build(folder, key, data, sources, tokenizer, mode, seed, label) -> None:
+    """Tokenize every source with `datasets.map` (batched, data.num_proc workers) into the cache files."""
+    tables = load_tables(sources, seed, label)
+    summary, pieces = DataSummary(read=sum(len(t) for _, t in tables)), []
+    workers = data.num_proc or (min(16, len(os.sched_getaffinity(0))) if summary.read >= 10_000 else 1)
+    datasets.enable_progress_bars()
+    try:
+        for i, (name, table) in enumerate(tables):
+            pieces.append(
+                table.map(
+                    _encode_batch,
+                    fn_kwargs={"data": data, "tokenizer": tokenizer, "mode": mode, "source": name},
+                    batched=True,
+                    batch_size=256,
+                    num_proc=workers if workers > 1 and len(table) > 1 else None,
+                    remove_columns=table.column_names,
+                    features=ENCODED,
+                    cache_file_name=os.path.join(folder, "map", f"{i}.arrow"),
+                    new_fingerprint=f"{key}-{i}",  # ours: datasets cannot hash a tokenizer reliably
+                    desc=f"tokenize {name}",
+                )
+            )
+    finally:
+        datasets.disable_progress_bars()
+    table = datasets.concatenate_datasets(pieces).data.table
+    errors = np.flatnonzero(pc.binary_length(table.column("error")).to_numpy(zero_copy_only=False) > 0)
+    if len(errors):  # the first bad row in source order, whichever worker met it
+        raise ValueError(table.column("error")[int(errors[0])].as_py())
+    for part in table.column("summary").to_pylist():
+        for name, value in json.loads(part or "{}").items():
+            setattr(summary, name, getattr(summary, name) + (Counter(value) if isinstance(value, dict) else value))
+    lens = table.column("lens").combine_chunks().flatten().to_numpy()
+    summary.kept = len(lens) // (3 if mode == "preference" else 2)
+    if not summary.kept:
         raise ValueError(
             f"no usable rows in {[s.path for s in sources]}: {summary.format()}; "
             "fix the rows (see the skip counts) or raise data.max_length (see the drop counts)"
         )
-    return examples, summary
+    ids = table.column("ids").combine_chunks().flatten().to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+    counts = {k: v for k, v in vars(summary).items() if not k.endswith("_lengths")}
+    cache.write(folder, ids, offsets, 3 if mode == "preference" else 2, key, counts)
+    del table, pieces
+    shutil.rmtree(os.path.join(folder, "map"), ignore_errors=True)
+
+
+ENCODED = datasets.Features(
+    {
+        "ids": datasets.Sequence(datasets.Value("int32")),  # prompt + responses, end to end; [] if not kept
+        "lens": datasets.Sequence(datasets.Value("int32")),  # their lengths; [] if not kept
+        "error": datasets.Value("string"),  # the row's error with on_bad_row: error, else ""
+        "summary": datasets.Value("string"),  # the batch's counters as JSON, on its first row only
+    }
+)
+
+
+def _encode_batch(batch: dict, data: DataConfig, tokenizer, mode: str, source: str) -> dict:
+    """`datasets.map` function: a batch of rows → ENCODED columns (one output row per input row)."""
+    part = DataSummary()
+    names = [c for c in batch if c != ROW_INDEX]
+    out = {"ids": [], "lens": [], "error": [], "summary": []}
+    for n, index in enumerate(batch[ROW_INDEX]):
+        item = SourceRow(source, index, {c: batch[c][n] for c in names})
+        try:
+            ids = encode_row(data, tokenizer, mode, item, part)
+        except ValueError as exc:
+            ids, error = None, str(exc)
+        else:
+            error = ""
+        out["ids"].append([t for seg in ids for t in seg] if ids else [])
+        out["lens"].append([len(seg) for seg in ids] if ids else [])
+        out["error"].append(error)
+    counts = {k: v for k, v in vars(part).items() if not k.endswith("_lengths")}
+    out["summary"] = [json.dumps(counts)] + [""] * (len(out["ids"]) - 1)
+    return out
+
+
+def encode_row(data: DataConfig, tokenizer, mode: str, item: SourceRow, summary: DataSummary):
+    """One row → [prompt ids, response ids...] after truncation, or None (skipped / dropped, counted)."""
+    try:
+        texts = row_texts(item.row, data.format, mode, tokenizer)
+    except BadRow as bad:
+        if bad.kind == "no_chat_template":  # the tokenizer's problem, not the row's: skipping would drop them all
+            raise ValueError(
+                f"{item.source} row {item.index} is conversational but the tokenizer has no chat template; "
+                "add one to the model folder's tokenizer_config.json or use string rows"
+            ) from None
+        if data.on_bad_row == "skip":
+            summary.skipped[bad.kind] += 1
+            return None
+        raise ValueError(
+            f"{item.source} row {item.index}: {bad}; fix the row or set data.on_bad_row: skip"
+        ) from None
+    ids = truncate(
+        data,
+        tokenizer,
+        encode_prompt(tokenizer, texts.prompt),
+        [encode_response(tokenizer, r) for r in texts.responses],
+        summary,
+    )
+    if ids is None:
+        return None
+    prompt, responses = ids
+    return [prompt, *responses]
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
