@@ -79,8 +79,8 @@ def code_digest() -> str:
 def source_digest(src) -> str:
     """sha256 of a file's bytes, of every file in a `save_to_disk` folder, or a hub dataset's fingerprint."""
     path = src.path
-    if os.path.isfile(path):
-        return _hash_files([path], os.path.dirname(path))
+    if os.path.isfile(path):  # the bytes and the extension (which picks the reader), not the name
+        return _hash_files([path], path) + os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
         return _hash_files(files, path)

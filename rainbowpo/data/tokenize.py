@@ -61,7 +61,7 @@ class DataSummary:
     response_lengths: list[int] = field(default_factory=list)
 
     def format(self) -> str:
-        def stats(xs) -> str:  # lists, or the cache's numpy arrays
+        def stats(xs: list[int]) -> str:
             return f"mean {np.mean(xs):.1f} max {np.max(xs)}" if len(xs) else "-"
 
         total = int(np.sum(self.prompt_lengths) + np.sum(self.response_lengths))
@@ -93,7 +93,7 @@ def load_examples(
     ids, offsets, counts = cache.read(folder, k)
     examples = cache.TokenizedSet(ids, offsets, k, PairExample if k == 3 else SFTExample, folder)
     lengths = examples.lengths()
-    summary = DataSummary(prompt_lengths=lengths[:, 0], response_lengths=lengths[:, 1:].ravel())
+    summary = DataSummary(prompt_lengths=lengths[:, 0].tolist(), response_lengths=lengths[:, 1:].ravel().tolist())
     for name, value in counts.items():
         setattr(summary, name, Counter(value) if isinstance(value, dict) else value)
     return examples, summary
