@@ -105,7 +105,9 @@ def _diagnose(path: str, ext: str, exc: BaseException) -> str:
     return f"cannot read it as {LOADERS[ext]} ({_first_line(exc)})"
 
 
-def load_tables(sources: list[SourceConfig], seed: int, label: str = "data.train") -> list[tuple[str, object]]:
+def load_tables(
+    sources: list[SourceConfig], seed: int, label: str = "data.train"
+) -> list[tuple[str, object]]:
     """(name, `datasets.Dataset`) per source: column-mapped, rows drawn by weight (seeded), and a 1-based
     `ROW_INDEX` column giving each row's number inside its source. Rows stay in Arrow (never Python dicts)."""
     rng = random.Random(seed)

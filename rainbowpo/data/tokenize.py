@@ -93,7 +93,9 @@ def load_examples(
     ids, offsets, counts = cache.read(folder, k)
     examples = cache.TokenizedSet(ids, offsets, k, PairExample if k == 3 else SFTExample, folder)
     lengths = examples.lengths()
-    summary = DataSummary(prompt_lengths=lengths[:, 0].tolist(), response_lengths=lengths[:, 1:].ravel().tolist())
+    summary = DataSummary(
+        prompt_lengths=lengths[:, 0].tolist(), response_lengths=lengths[:, 1:].ravel().tolist()
+    )
     for name, value in counts.items():
         setattr(summary, name, Counter(value) if isinstance(value, dict) else value)
     return examples, summary
@@ -129,7 +131,9 @@ def _build(folder, key, data, sources, tokenizer, mode, seed, label) -> None:
         raise ValueError(table.column("error")[int(errors[0])].as_py())
     for part in table.column("summary").to_pylist():
         for name, value in json.loads(part or "{}").items():
-            setattr(summary, name, getattr(summary, name) + (Counter(value) if isinstance(value, dict) else value))
+            setattr(
+                summary, name, getattr(summary, name) + (Counter(value) if isinstance(value, dict) else value)
+            )
     lens = table.column("lens").combine_chunks().flatten().to_numpy()
     summary.kept = len(lens) // (3 if mode == "preference" else 2)
     if not summary.kept:
@@ -181,7 +185,7 @@ def encode_row(data: DataConfig, tokenizer, mode: str, item: SourceRow, summary:
     try:
         texts = row_texts(item.row, data.format, mode, tokenizer)
     except BadRow as bad:
-        if bad.kind == "no_chat_template":  # the tokenizer's problem, not the row's: skipping would drop them all
+        if bad.kind == "no_chat_template":  # the tokenizer's fault, not the row's: a skip would drop all
             raise ValueError(
                 f"{item.source} row {item.index} is conversational but the tokenizer has no chat template; "
                 "add one to the model folder's tokenizer_config.json or use string rows"

@@ -37,7 +37,9 @@ def random_rows(n, seed=0):
     def text(lo, hi):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
-    return [{"prompt": text(1, 12), "chosen": text(1, 14), "rejected": text(1, 14), "extra": i} for i in range(n)]
+    return [
+        {"prompt": text(1, 12), "chosen": text(1, 14), "rejected": text(1, 14), "extra": i} for i in range(n)
+    ]
 
 
 def config(tmp_path, src, **data):
@@ -147,9 +149,7 @@ def test_cached_equals_the_plain_loop(tmp_path, toks, num_proc):
     a[3] = {"prompt": "alpha", "chosen": "", "rejected": "two"}  # skipped: empty
     a[7] = {"prompt": "alpha", "chosen": "one", "rejected": "one"}  # skipped: identical
     b = random_rows(25, seed=3)
-    src = (
-        f"[{{path: {write_jsonl(tmp_path / 'a.jsonl', a)}}}, {{path: {write_jsonl(tmp_path / 'b.jsonl', b)}}}]"
-    )
+    src = f"[{{path: {write_jsonl(tmp_path / 'a.jsonl', a)}}}, {{path: {write_jsonl(tmp_path / 'b.jsonl', b)}}}]"
     cfg = config(tmp_path, src, max_length=14, max_prompt_length=6, on_bad_row="skip", num_proc=num_proc)
     got, summary = load(cfg, toks["sp"])
     want, counts = reference_examples(cfg, toks["sp"], [a, b])
@@ -200,7 +200,7 @@ def test_waiting_rank_gets_rank0_error_fast(tmp_path):
         cache.load_or_build(root, "k1", fail, local_rank=0)
     failed_at = time.time()
     thread.join(10)
-    (when, message), = errors
+    ((when, message),) = errors
     assert when - failed_at < 2 and "row 3: 'chosen' is empty" in message and "\n" not in message
     assert sorted(os.listdir(root)) == ["k1.error"]
 
@@ -249,7 +249,9 @@ def test_two_local_ranks_share_one_build(tmp_path, toks):
     waiter = start(1)
     time.sleep(1.0)
     builder = start(0)
-    out0, out1 = (json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in (builder, waiter))
+    out0, out1 = (
+        json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in (builder, waiter)
+    )
     assert builder.returncode == waiter.returncode == 0
     assert out0["built"] and not out1["built"]
     assert out0["rows"] == out1["rows"] and len(out0["rows"]) == 30 and out0["summary"] == out1["summary"]
