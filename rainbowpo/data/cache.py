@@ -24,14 +24,21 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 CACHE_VERSION = 1
 WAIT_TIMEOUT_S = 4 * 3600.0  # default of RAINBOWPO_DATA_WAIT_S; a few million rows take well under this
 POLL_S = 0.2
-CODE_FILES = ("cache.py", "formats.py", "render.py", "sources.py", "tokenize.py")  # rainbowpo/data/
+CODE_FILES = (
+    "data/cache.py",
+    "data/formats.py",
+    "data/render.py",
+    "data/sources.py",
+    "data/tokenize.py",
+    "config.py",
+)  # fmt: skip  (under rainbowpo/; config.py: where derived data defaults live)
 NOT_IN_KEY = ("train", "eval", "num_proc", "cache_dir", "packing", "share_prompt")  # DataConfig fields
 
 
@@ -67,11 +74,17 @@ def cache_key(data, sources: Sequence, tokenizer, mode: str, seed: int) -> str:
 
 
 def code_digest() -> str:
-    """Hash of the data modules' sources: a change to how rows become ids invalidates old caches."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256()
+    """Hash of the code that turns rows into ids (ours, and the tokenizer libraries' versions): a change
+    to it invalidates old caches."""
+    import tokenizers
+    import transformers
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(
+        f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}".encode()
+    )
     for name in CODE_FILES:
-        with open(os.path.join(here, name), "rb") as f:
+        with open(os.path.join(package, name), "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()
 
@@ -187,9 +200,20 @@ def _read_error(marker: str, start: float) -> str | None:
     return info.get("error") if fresh else None
 
 
-def write(folder: str, ids: np.ndarray, offsets: np.ndarray, k: int, key: str, summary: dict) -> None:
-    """The cache files of one tokenized set (into `build`'s temporary folder)."""
-    np.save(os.path.join(folder, "ids.npy"), np.ascontiguousarray(ids, dtype=np.int32))
+def write(folder: str, id_chunks: Iterable, offsets: np.ndarray, k: int, key: str, summary: dict) -> None:
+    """The cache files of one tokenized set (into `build`'s temporary folder); the ids arrive in chunks
+    and go straight to the file, never all in memory at once."""
+    ids = np.lib.format.open_memmap(
+        os.path.join(folder, "ids.npy"), mode="w+", dtype=np.int32, shape=(int(offsets[-1]),)
+    )
+    at = 0
+    for chunk in id_chunks:
+        ids[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != len(ids):
+        raise RuntimeError(f"data cache: {at} ids written, the offsets count {len(ids)}")
+    ids.flush()
+    del ids
     np.save(os.path.join(folder, "offsets.npy"), np.ascontiguousarray(offsets, dtype=np.int64))
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f)

@@ -17,6 +17,7 @@ from typing import Literal
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from rainbowpo.config import DataConfig, SourceConfig
@@ -105,7 +106,8 @@ def _build(folder, key, data, sources, tokenizer, mode, seed, label) -> None:
     """Tokenize every source with `datasets.map` (batched, data.num_proc workers) into the cache files."""
     tables = load_tables(sources, seed, label)
     summary, pieces = DataSummary(read=sum(len(t) for _, t in tables)), []
-    workers = data.num_proc or (min(16, len(os.sched_getaffinity(0))) if summary.read >= 10_000 else 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = data.num_proc or (min(16, cpus) if summary.read >= 10_000 else 1)
     datasets.enable_progress_bars()
     try:
         for i, (name, table) in enumerate(tables):
@@ -141,12 +143,13 @@ def _build(folder, key, data, sources, tokenizer, mode, seed, label) -> None:
             f"no usable rows in {[s.path for s in sources]}: {summary.format()}; "
             "fix the rows (see the skip counts) or raise data.max_length (see the drop counts)"
         )
-    ids = table.column("ids").combine_chunks().flatten().to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
     counts = {k: v for k, v in vars(summary).items() if not k.endswith("_lengths")}
-    cache.write(folder, ids, offsets, 3 if mode == "preference" else 2, key, counts)
+    id_chunks = (c.flatten().to_numpy() for c in table.column("ids").chunks)  # views of the map's files
+    cache.write(folder, id_chunks, offsets, 3 if mode == "preference" else 2, key, counts)
     del table, pieces
     shutil.rmtree(os.path.join(folder, "map"), ignore_errors=True)
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed JSON-reading buffers
 
 
 ENCODED = datasets.Features(
