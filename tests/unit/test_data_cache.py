@@ -235,6 +235,7 @@ print(json.dumps({"built": built[0], "rows": [[e.prompt_ids, e.chosen_ids, e.rej
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing transformers + datasets: 5 s idle, ~22 s under load
 def test_two_local_ranks_share_one_build(tmp_path, toks):
     """Two real processes: local rank 1 starts first and waits; local rank 0 builds; both map the same rows."""
     src = write_jsonl(tmp_path / "rows.jsonl", random_rows(30))
