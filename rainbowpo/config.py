@@ -89,9 +89,15 @@ class DataConfig:
     """Pack [prompt, chosen, rejected] computing the prompt once per pair (exact; needs packing). Unset: on
     for preference pairs whenever attention runs per segment (measured faster, docs/benchmarks.md); off
     for SFT, padded batches and the flash-attention varlen kernel."""
+    num_proc: int = 0
+    """Processes that tokenize (on local rank 0 of each node); 0: all CPUs (≤ 16) from 10,000 rows, else 1."""
+    cache_dir: str = ""
+    """Where tokenized data is cached, keyed by sources + tokenizer + these settings (default:
+    $RAINBOWPO_CACHE/data, else ~/.cache/rainbowpo/data). A second run with the same key reads it."""
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "data.train", "needs at least one source", self.train)
+        _require(self.num_proc >= 0, "data.num_proc", "must be ≥ 0 (0 = automatic)", self.num_proc)
         _require(self.max_length > 1, "data.max_length", "must be > 1", self.max_length)
         _require(
             self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,8 +63,8 @@ class Run:
     cfg: Config
     dist: ds.DistInfo
     tokenizer: object
-    train_set: list
-    eval_set: list
+    train_set: Sequence  # rainbowpo.data.cache.TokenizedSet: memory-mapped ids, rows built on access
+    eval_set: Sequence
     planner: StepPlanner
     grad_accum: int
     total_steps: int
@@ -147,7 +148,7 @@ def setup(cfg: Config) -> Run:
         load_examples(cfg.data, cfg.data.eval, tokenizer, mode, cfg.train.seed)[0] if cfg.data.eval else []
     )
     timings = {"data_s": time.perf_counter() - clock}
-    lengths = [ex.num_tokens for ex in train_set]
+    lengths = train_set.num_tokens.tolist()  # from the offsets: no row is materialized
     grad_accum = _grad_accum(cfg, dist, lengths)
     planner = StepPlanner(
         lengths,
