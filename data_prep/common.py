@@ -8,7 +8,9 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -60,6 +62,40 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
             raise ValueError(f"--shard {spec}: need 0 <= i < n")
         return i, n
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- model placement (score, evaluate)
+DTYPES = ("bfloat16", "float16", "float32")  # --dtype choices, besides "auto"; bf16/fp16/fp32 also accepted
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def accelerator_device(local_rank: int | None = None):
+    """`cuda:LOCAL_RANK` where CUDA is present (LOCAL_RANK from the launcher, 0 alone), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    count = torch.cuda.device_count()
+    if not 0 <= rank < count:
+        raise ValueError(
+            f"LOCAL_RANK={rank} but this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "start at most one process per visible GPU"
+        )
+    return torch.device("cuda", rank)
+
+
+def default_dtype(device, flag: str | None = None):
+    """`--dtype bfloat16|float16|float32` (or bf16|fp16|fp32) when given; None/auto: bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if flag in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    name = _DTYPE_ALIASES.get(flag, flag)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {flag!r}: choose one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def prompt_ids_of(rows: list[dict]) -> list[dict]:
@@ -131,3 +167,82 @@ def require_keys(rows: list[dict], keys: tuple[str, ...], folder: str, stage: st
             )
         if "candidates" in keys and not isinstance(row["candidates"], list):
             raise ValueError(f"{folder}: row {n} (id {row['id']}): 'candidates' must be a list of strings")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Placement: which device(s) each generation process gets. Pure functions over an environment mapping, so
+# they are tested without a GPU (tests/unit/test_placement.py).
+
+
+def visible_gpus(
+    environ: Mapping[str, str] | None = None, count: Callable[[], int] | None = None
+) -> list[str]:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES when set (the deepspeed launcher sets it),
+    else 0..count()-1 (default count: `nvidia-smi -L`, so CUDA is not initialised before pinning)."""
+    environ = os.environ if environ is None else environ
+    spec = environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is not None:
+        return [g.strip() for g in spec.split(",") if g.strip() and g.strip() != "-1"]
+    return [str(i) for i in range((count or _nvidia_smi_count)())]
+
+
+def _nvidia_smi_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """RANK/WORLD_SIZE/LOCAL_RANK of the deepspeed launcher or torchrun (LOCAL_SIZE / LOCAL_WORLD_SIZE)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+
+
+def launcher_ranks(environ: Mapping[str, str] | None = None) -> Launch | None:
+    """The launcher's ranks, or None when this process was not started by `deepspeed` / `torchrun`."""
+    environ = os.environ if environ is None else environ
+    if not all(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    world = int(environ["WORLD_SIZE"])
+    local_size = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or world)
+    return Launch(int(environ["RANK"]), world, int(environ["LOCAL_RANK"]), local_size)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """GPU ids for one process (CUDA_VISIBLE_DEVICES), or none on CPU with `threads` OMP threads."""
+
+    gpus: tuple[str, ...]
+    threads: int | None = None
+
+    def env(self) -> dict[str, str]:
+        if self.gpus:
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
+        return {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
+
+
+def place(proc_index: int, procs: int, tp: int, gpus: list[str], cpus: int | None = None) -> Placement:
+    """Process `proc_index` of `procs` on one node gets GPUs [i·tp, (i+1)·tp) of `gpus`; without GPUs it runs
+    on the CPU with cpus // procs threads. Too few GPUs for procs × tp is one error line."""
+    if procs < 1 or not 0 <= proc_index < procs:
+        raise ValueError(f"process {proc_index} of {procs}: need procs >= 1 and 0 <= index < procs")
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel-size {tp}: must be >= 1")
+    if not gpus:
+        if tp > 1:
+            raise ValueError(f"--tensor-parallel-size {tp} needs GPUs and none is visible; use 1 on the CPU")
+        return Placement((), max(1, (cpus or os.cpu_count() or 1) // procs) if procs > 1 else None)
+    if tp > len(gpus):
+        raise ValueError(f"--tensor-parallel-size {tp} is larger than the {len(gpus)} visible GPU(s) "
+                         f"({','.join(gpus)}); lower it to at most {len(gpus)}")  # fmt: skip
+    if procs * tp > len(gpus):
+        raise ValueError(f"{procs} processes × tensor-parallel size {tp} need {procs * tp} GPUs but "
+                         f"{len(gpus)} are visible ({','.join(gpus)}); use --procs {len(gpus) // tp} "
+                         "(or fewer processes per node under the launcher)")  # fmt: skip
+    return Placement(tuple(gpus[proc_index * tp : (proc_index + 1) * tp]))

@@ -110,8 +110,12 @@ class DataConfig:
     """Row format; auto-detected from the columns unless forced."""
     max_length: int = 1024
     """Max tokens of prompt + response (per sequence)."""
-    max_prompt_length: int = 512
-    """Max prompt tokens; longer prompts are cut from their start (the end is kept)."""
+    max_prompt_length: int | None = None
+    """Max prompt tokens; longer prompts are cut from their start (the end is kept). Unset: half of
+    data.max_length (`prompt_limit()`; the start-up summary says what it resolved to)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra options for the chat template wherever it renders (training data, generation), e.g.
+    {enable_thinking: false}."""
     truncation_keep_eos: bool = False
     """When a response is cut, end it with EOS anyway (default: the cut response has no EOS)."""
     on_bad_row: Literal["error", "skip"] = "error"
@@ -122,17 +126,27 @@ class DataConfig:
     """Pack [prompt, chosen, rejected] computing the prompt once per pair (exact; needs packing). Unset: on
     for preference pairs whenever attention runs per segment (measured faster, docs/benchmarks.md); off
     for SFT, padded batches and the flash-attention varlen kernel."""
+    num_proc: int = 0
+    """Processes that tokenize (on local rank 0 of each node); 0: all CPUs (≤ 16) from 10,000 rows, else 1."""
+    cache_dir: str = ""
+    """Where tokenized data is cached, keyed by sources + tokenizer + these settings (default:
+    $RAINBOWPO_CACHE/data, else ~/.cache/rainbowpo/data). A second run with the same key reads it."""
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "data.train", "needs at least one source", self.train)
+        _require(self.num_proc >= 0, "data.num_proc", "must be ≥ 0 (0 = automatic)", self.num_proc)
         _require(self.max_length > 1, "data.max_length", "must be > 1", self.max_length)
         _require(
-            0 < self.max_prompt_length < self.max_length,
+            self.max_prompt_length is None or 0 < self.max_prompt_length < self.max_length,
             "data.max_prompt_length",
             "must be in (0, data.max_length)",
             self.max_prompt_length,
         )
         _require(not self.share_prompt or self.packing, "data.share_prompt", "needs data.packing: true", True)
+
+    def prompt_limit(self) -> int:
+        """data.max_prompt_length, or half of data.max_length when unset (always leaves a response token)."""
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
 
 
 @dataclass(frozen=True)
@@ -448,6 +462,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if args and args[1] is Any:  # free-form options (chat_template_kwargs) keep their YAML types
+            return {str(k): v for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     return _scalar(tp, value, key)
 

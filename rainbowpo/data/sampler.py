@@ -1,8 +1,11 @@
 """Which pairs go into which micro-batch of which rank at every optimizer step — a pure function of
 (seed, epoch, step), so a run restored mid-epoch continues in exactly the same order.
 
-Each epoch is a seeded shuffle cut into steps of `global_batch_pairs`; a remainder too small to give
-every micro-batch a pair is merged into the epoch's last step (no pair is ever dropped or repeated).
+Each epoch is a seeded shuffle cut into steps of `global_batch_pairs`. The remainder becomes its own,
+smaller last step when it gives every micro-batch at least one pair; a smaller one (fewer pairs than
+world × grad_accum micro-batches) is dropped for that epoch and counted (`dropped_per_epoch`; the next
+epoch's shuffle drops other pairs). So no micro-batch ever holds more than micro_batch_pairs pairs —
+the run that fits memory on step 1 fits it on the last step too — and no pair is repeated.
 A step's pairs are dealt into world × grad_accum micro-batches: in order (pair-count mode) or
 longest-first into the lightest bin (token-budget mode, uneven pair counts). Rank r takes bins
 [r·grad_accum, (r+1)·grad_accum).
@@ -36,7 +39,8 @@ class StepPlanner:
                 "add data or lower the batch/world size"
             )
         full, rest = divmod(n, global_batch_pairs)
-        self.steps_per_epoch = max(1, full + (1 if rest >= self.bins and full else 0))
+        self.steps_per_epoch = full + (1 if rest >= self.bins else 0)
+        self.dropped_per_epoch = rest if rest < self.bins else 0
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.lengths)))
@@ -45,13 +49,12 @@ class StepPlanner:
         return order
 
     def step_pairs(self, epoch: int, step: int) -> list[int]:
-        """Example indices of one optimizer step (the last step of an epoch takes any small remainder)."""
+        """Example indices of one optimizer step (the last may be a smaller remainder step)."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside the epoch's {self.steps_per_epoch} steps")
         order = self._order(epoch)
         start = step * self.global_batch
-        end = len(order) if step == self.steps_per_epoch - 1 else start + self.global_batch
-        return order[start:end]
+        return order[start : start + self.global_batch]
 
     def pairs_in_step(self, epoch: int, step: int) -> int:
         return len(self.step_pairs(epoch, step))
@@ -91,11 +94,10 @@ def token_budget_grad_accum(
 ) -> int:
     """Fixed accumulation for token-budget batching: enough micro-batches for the heaviest possible step.
 
-    Bounded by the largest `global_batch_pairs` (+ merged remainder) lengths, so it is the same on every
-    rank and every epoch; capped so that every micro-batch still gets at least one pair.
+    Bounded by the largest `global_batch_pairs` lengths (a remainder step is smaller), so it is the same
+    on every rank and every epoch; capped so that every micro-batch still gets at least one pair.
     """
     del seed  # the bound does not depend on the shuffle
-    rest = len(lengths) % global_batch_pairs
-    heaviest = sum(sorted(lengths, reverse=True)[: global_batch_pairs + rest])
+    heaviest = sum(sorted(lengths, reverse=True)[:global_batch_pairs])
     accum = math.ceil(heaviest / (world_size * budget))
     return max(1, min(accum, global_batch_pairs // world_size))

@@ -16,6 +16,7 @@ import datasets
 from rainbowpo.config import SourceConfig
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ROW_INDEX = "__rainbowpo_row__"  # column added by load_tables: the row's 1-based number in its source
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,13 @@ def _diagnose(path: str, ext: str, exc: BaseException) -> str:
     return f"cannot read it as {LOADERS[ext]} ({_first_line(exc)})"
 
 
-def load_rows(sources: list[SourceConfig], seed: int, label: str = "data.train") -> list[SourceRow]:
-    """Rows of every source, column-mapped and mixed by weight, in a deterministic order."""
+def load_tables(
+    sources: list[SourceConfig], seed: int, label: str = "data.train"
+) -> list[tuple[str, object]]:
+    """(name, `datasets.Dataset`) per source: column-mapped, rows drawn by weight (seeded), and a 1-based
+    `ROW_INDEX` column giving each row's number inside its source. Rows stay in Arrow (never Python dicts)."""
     rng = random.Random(seed)
-    rows: list[SourceRow] = []
+    tables = []
     for i, src in enumerate(sources):
         name = f"{label}[{i}] {os.path.basename(src.path.rstrip('/')) or src.path}"
         table = read_source(src)
@@ -118,12 +122,14 @@ def load_rows(sources: list[SourceConfig], seed: int, label: str = "data.train")
             raise ValueError(
                 f"{name}: column mapping names {missing}, not in the columns {table.column_names}"
             )
-        records = table.to_list()
-        rename = {theirs: ours for ours, theirs in src.columns.items()}
-        records = [{rename.get(k, k): v for k, v in r.items()} for r in records]
-        for index in _weighted_indices(len(records), src.weight, rng):
-            rows.append(SourceRow(name, index + 1, records[index]))
-    return rows
+        rename = {theirs: ours for ours, theirs in src.columns.items() if theirs != ours}
+        shadowed = [c for c in rename.values() if c in table.column_names and c not in rename]
+        table = table.remove_columns(shadowed).rename_columns(rename)  # the mapped column wins
+        indices = _weighted_indices(len(table), src.weight, rng)
+        if indices != list(range(len(table))):
+            table = table.select(indices)
+        tables.append((name, table.add_column(ROW_INDEX, [j + 1 for j in indices])))
+    return tables
 
 
 def _weighted_indices(n: int, weight: float, rng: random.Random) -> list[int]:

@@ -58,9 +58,10 @@ def test_pipeline_two_processes_matches_one(prep_ws, tmp_path):
 
 @pytest.mark.slow
 def test_generation_killed_mid_way_resumes_exactly_once(prep_ws, tmp_path):
-    out = tmp_path / "cands"
+    out = tmp_path / "cands"  # one prompt per engine call and per part file, so the kill lands mid-way
     cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(prep_ws / "model"), "--prompts",
-           str(prep_ws / "prompts.jsonl"), "--out", str(out), "--n", "4", "--max-new-tokens", "48", "--chunk", "1"]  # fmt: skip
+           str(prep_ws / "prompts.jsonl"), "--out", str(out), "--n", "4", "--max-new-tokens", "48", "--chunk", "1",
+           "--batch-prompts", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("part-*.jsonl")):
@@ -117,8 +118,9 @@ def test_reward_model_scorer(prep_ws, tmp_path):
 def test_vllm_engine_reports_missing_install(prep_ws):
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    with pytest.raises(ValueError, match="vllm is not installed"):
-        generate.sample_vllm(str(prep_ws / "model"), None, [], {"n": 2, "seed": 0})
+    args = generate.parser().parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--engine", "vllm"])
+    with pytest.raises((ValueError, SystemExit), match="vllm"):  # one line, before any model is loaded
+        generate.make_engine(str(prep_ws / "model"), generate.sampler_settings(args), args, "cpu")
 
 
 def test_select_requires_scored_rows(tmp_path):

@@ -88,13 +88,22 @@ def test_resume_equals_straight_run_and_skips_unmarked(workspace, tmp_path):
 
 
 def test_reference_cached_equals_online_and_none_loads_nothing(workspace, tmp_path):
-    common = {"train.max_steps": 2, "objective.preset": "rainbowpo", "output.export": False}
+    # eval pairs (pairs8) differ from the training pairs: a cached reference must score them with their
+    # own numbers, not training pair i's (the cache keys rows by (split, row))
+    common = {"train.max_steps": 2, "objective.preset": "rainbowpo", "output.export": False,
+              "data.eval": str(workspace / "pairs8.jsonl"), "train.eval_every": 1}  # fmt: skip
     online, cached = tmp_path / "online", tmp_path / "cached"
     launch(base_overrides(workspace, online, **common))
     launch(base_overrides(workspace, cached, **common, **{"reference.mode": "cached"}))
     rows_online, rows_cached = read_metrics(online), read_metrics(cached)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "phi/mean"):
-        assert [r[key] for r in rows_online] == pytest.approx([r[key] for r in rows_cached], abs=1e-5), key
+        assert [r[key] for r in rows_online if key in r] == pytest.approx(
+            [r[key] for r in rows_cached if key in r], abs=1e-5
+        ), key
+        evals = [
+            [r["eval/" + key] for r in rows if "eval/" + key in r] for rows in (rows_online, rows_cached)
+        ]
+        assert len(evals[0]) >= 2 and evals[0] == pytest.approx(evals[1], abs=1e-5), "eval/" + key
     cache_dirs = list((tmp_path / "ref_cache").iterdir())
     assert len(cache_dirs) == 1 and (cache_dirs[0] / "COMPLETE").is_file()
     proc = launch(

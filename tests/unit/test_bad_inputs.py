@@ -350,29 +350,45 @@ BAD_ROWS = {
     "empty_response": ({"prompt": "a", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
     "chosen_equals_rejected": ({"prompt": "a", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
     "message_without_content": ({"prompt": [{"role": "user"}], "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
-                                "'prompt' must be a non-empty list of {role, content} string messages"),
+                                "'prompt' must be a non-empty list of {role, content} messages; message 0 is {'role': 'user'}"),
     "message_content_not_string": ({"prompt": msgs("user", 1), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
-                                   "'prompt' must be a non-empty list of {role, content} string messages"),
+                                   "'prompt' must be a non-empty list of {role, content} messages; message 0 is {'role': 'user', 'content': 1}"),
     "messages_not_a_list": ({"prompt": msgs("user", "q"), "chosen": {"role": "assistant", "content": "x"}, "rejected": msgs("assistant", "y")},
-                            "'chosen' must be a non-empty list of {role, content} string messages"),
+                            "'chosen' must be a non-empty list of {role, content} messages, got {'role': 'assistant', 'content': 'x'}"),
     "empty_message_response": ({"prompt": msgs("user", "q"), "chosen": msgs("assistant", " "), "rejected": msgs("assistant", "y")},
-                               "'chosen' has no response content"),
+                               "'chosen': the final assistant turn has no content"),
     "implicit_no_common_prompt": ({"chosen": msgs("user", "x"), "rejected": msgs("user", "y")},
-                                  "chosen and rejected share no prompt messages (implicit format)"),
+                                  "'chosen' and 'rejected' share no leading messages, so they hold no prompt (implicit format"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("row, message", BAD_ROWS.values(), ids=BAD_ROWS.keys())
 def test_bad_row_names_file_row_and_fix(tmp_path, toks, row, message):
-    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}; fix the row or set data.on_bad_row: skip")):  # fmt: skip
-        load(tmp_path, [STANDARD, row], toks["bpe_chat"])
+    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}")):  # fmt: skip
+        load(tmp_path, [good_row_like(row), row], toks["bpe_chat"])
+
+
+def good_row_like(row: dict) -> dict:
+    """A good first row of the bad row's format (a source holds one format, decided by its first row)."""
+    if isinstance(row.get("prompt"), list):
+        return {
+            "prompt": msgs("user", "q"),
+            "chosen": msgs("assistant", "x"),
+            "rejected": msgs("assistant", "y"),
+        }
+    if "prompt" not in row and isinstance(row.get("chosen"), list):
+        return {
+            "chosen": msgs("user", "q") + msgs("assistant", "x"),
+            "rejected": msgs("user", "q") + msgs("assistant", "y"),
+        }
+    return STANDARD
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"messages": msgs("user", "x")}, "'messages' must end with an assistant turn after a prompt"),
-        ({"messages": []}, "'messages' must be a non-empty list of {role, content} string messages"),
+        ({"messages": msgs("user", "x")}, "'messages' must hold a prompt and a final assistant turn"),
+        ({"messages": []}, "'messages' must be a non-empty list of {role, content} messages, got []"),
         (
             {"prompt": msgs("user", "x"), "completion": msgs("assistant", 5)},
             "'completion' must be a non-empty list",
@@ -396,9 +412,8 @@ def test_bad_rows_skipped_and_counted_by_kind(tmp_path, toks):
     rows = [STANDARD] + [row for row, _ in BAD_ROWS.values()]
     exs, summary = load(tmp_path, rows, toks["bpe_chat"], on_bad_row="skip")
     assert len(exs) == 1 and summary.read == 1 + len(BAD_ROWS)
-    assert summary.skipped == {
-        "missing_column": 2, "not_a_string": 1, "empty": 3, "chosen_equals_rejected": 1,
-        "broken_messages": 3, "no_common_prompt": 1,
+    assert summary.skipped == {  # message rows in this standard source (first row) are mixed formats
+        "missing_column": 2, "not_a_string": 1, "empty": 2, "chosen_equals_rejected": 1, "mixed_formats": 5,
     }  # fmt: skip
     assert "skipped bad rows {" in summary.format()
 
@@ -415,11 +430,11 @@ def test_all_rows_bad_with_skip_is_an_error(tmp_path, toks):
 def test_conversational_rows_without_chat_template_fail_even_with_skip(tmp_path, toks):
     row = {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")}
     message = (
-        "data.train[0] rows.jsonl row 2 is conversational but the tokenizer has no chat template; add one"
+        "data.train[0] rows.jsonl row 1 is conversational but the tokenizer has no chat template; add one"
     )
     for on_bad_row in ("error", "skip"):
         with fails(ValueError, re.escape(message)):
-            load(tmp_path, [STANDARD, row], toks["bpe"], on_bad_row=on_bad_row)
+            load(tmp_path, [row, row], toks["bpe"], on_bad_row=on_bad_row)
 
 
 # ----------------------------------------------------------------------------- data: truncation
@@ -567,7 +582,10 @@ def test_resume_path_that_is_not_a_complete_checkpoint(ckpt_root):
 @pytest.fixture
 def cache(tmp_path):
     folder = str(tmp_path / "ref_cache" / "abc")
-    reference._write_cache(folder, "abc", torch.zeros(3, 2, dtype=torch.float64), None)
+    empty = torch.zeros(0, 2, dtype=torch.float64)
+    reference._write_cache(
+        folder, "abc", {"train": (torch.zeros(3, 2, dtype=torch.float64), None), "eval": (empty, None)}
+    )
     return folder
 
 
@@ -759,3 +777,154 @@ def test_select_bad_pairing_and_sampler_arguments(tmp_path, kwargs, message):
     args = {"method": "rso", "k": 4, "beta": 0.5, "min_gap": 0.0, "seed": 0, **kwargs}
     with fails(ValueError, message):
         select(str(tmp_path / "scored"), str(tmp_path / "pairs.jsonl"), **args)
+
+
+# ----------------------------------------------------------------------------- data prep: reward models
+
+
+@pytest.fixture(scope="module")
+def rm_folders(tmp_path_factory):
+    """A causal-LM checkpoint, a two-label classifier and a one-label reward model on a tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rainbowpo.tiny import build_tiny_model, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("rms")
+    tok = train_sentencepiece(
+        [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 20, str(root / "tok")
+    )
+    build_tiny_model(tok, str(root / "causal_lm"), hidden=16, layers=1, heads=2, kv_heads=1)
+    size = {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+    for name, labels in (("two_labels", 2), ("rm", 1)):
+        LlamaForSequenceClassification(LlamaConfig(**size, num_labels=labels)).save_pretrained(
+            str(root / name)
+        )
+        tok.save_pretrained(str(root / name))
+    build_tiny_model(tok, str(root / "relabelled_lm"), hidden=16, layers=1, heads=2, kv_heads=1)
+    config = json.loads((root / "relabelled_lm" / "config.json").read_text())  # says classifier, has no head
+    config.update(
+        architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
+    (root / "relabelled_lm" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("causal_lm", "LlamaForCausalLM has no score head (a language model, not a reward model); give an AutoModelForSequenceClassification checkpoint with num_labels = 1"),
+        ("two_labels", "a classifier with num_labels = 2; a reward model has one output (num_labels = 1) or returns .score"),
+        ("missing", "folder not found"),
+    ],
+)  # fmt: skip
+def test_reward_model_without_a_score_head(rm_folders, folder, message):
+    with fails(ValueError, re.escape(f"--reward-model {rm_folders / folder}: {message}")):
+        make_scorer(None, str(rm_folders / folder), device="cpu")
+
+
+def test_reward_model_config_without_head_weights(rm_folders):
+    scorer = make_scorer(None, str(rm_folders / "relabelled_lm"), device="cpu")  # the config looks right
+    message = "1 weight(s) are not in the checkpoint (score.weight, …), so the score head would be random"
+    with fails(ValueError, re.escape(f"--reward-model {rm_folders / 'relabelled_lm'}: {message}")):
+        scorer.score_pairs([("alpha", "beta")])  # weights load on first use
+
+
+def test_reward_model_whose_output_is_not_one_number(rm_folders):
+    from transformers import AutoModelForSequenceClassification
+
+    from data_prep.score import RewardModelScorer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_folders / "two_labels"))
+    scorer = RewardModelScorer(
+        "two-label", model=model, tokenizer=make_scorer(None, str(rm_folders / "rm")).tokenizer
+    )
+    message = (
+        "--reward-model two-label: the model returns logits of shape (1, 2); a reward model gives one number"
+    )
+    with fails(ValueError, re.escape(message)):
+        scorer.score_pairs([("alpha", "beta")])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"max_length": -3}, "--max-length must be >= 1, got -3"),
+        ({"dtype": "fp8"}, "--dtype 'fp8': choose one of auto, bfloat16, float16, float32"),
+    ],
+)  # fmt: skip
+def test_reward_model_bad_options(rm_folders, options, message):
+    with fails(ValueError, re.escape(message)):
+        make_scorer(None, str(rm_folders / "rm"), device="cpu", **options)
+
+
+# ----------------------------------------------------------------------------- data: formats (issue 15)
+
+CONV_OK = {
+    "chosen": msgs("user", "q") + msgs("assistant", "x"),
+    "rejected": msgs("user", "q") + msgs("assistant", "y"),
+}
+FORMAT_ROWS = {
+    "no_shared_prefix": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "x"), "rejected": msgs("user", "other") + msgs("assistant", "y")},
+                         "'chosen' and 'rejected' share no leading messages, so they hold no prompt (implicit format: both must start with the same prompt turns)"),
+    "last_turn_not_assistant": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "x") + msgs("user", "more"), "rejected": CONV_OK["rejected"]},
+                                "'chosen': the last message is a 'user' turn; a response must end with an assistant turn"),
+    "user_turn_in_response": (CONV_OK, {"chosen": msgs("user", "q") + msgs("assistant", "a") + msgs("user", "b") + msgs("assistant", "x"),
+                                        "rejected": msgs("user", "q") + msgs("assistant", "a") + msgs("user", "c") + msgs("assistant", "y")},
+                              "'chosen': the response after the prompt holds a 'user' turn; only the final assistant turn(s) may follow the prompt"),
+    "mixed_formats_conversational_in_standard": (STANDARD, {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "x"), "rejected": msgs("assistant", "y")},
+                                                 "'prompt' is a message list but this source's rows are standard ('prompt' a string; decided by its first row or data.format): one source holds one format"),
+    "mixed_formats_string_in_implicit": (CONV_OK, STANDARD,
+                                         "'chosen' is a string but this source's rows are implicit ('chosen' a message list;"),
+    "string_prompt_disagrees_with_conversations": ({"prompt": "q", **CONV_OK}, {"prompt": "not q", **CONV_OK},
+                                                   "'prompt' ('not q') is not the last user turn that 'chosen' and 'rejected' share ('q'): the prompt column and the conversations disagree"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("first, row, message", FORMAT_ROWS.values(), ids=FORMAT_ROWS.keys())
+def test_bad_format_row_names_file_row_and_key(tmp_path, toks, first, row, message):
+    with fails(ValueError, re.escape(f"data.train[0] rows.jsonl row 2: {message}")):
+        load(tmp_path, [first, row], toks["bpe_chat"])
+
+
+def test_chat_template_that_breaks_the_prompt_prefix(tmp_path, toks):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toks["bpe_dir"])
+    tok.chat_template = (  # the generation prompt opens a think block the finished turn does not have
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\nthink{% endif %}"
+    )
+    message = "data.train[0] rows.jsonl row 1: the chat template renders prompt + response so that it does not start with the prompt rendered with add_generation_prompt=True: they part at token"  # fmt: skip
+    with fails(ValueError, re.escape(message) + ".*check data.chat_template_kwargs"):
+        load(tmp_path, [CONV_OK], tok)
+
+
+def test_chat_template_kwargs_must_be_a_mapping():
+    with fails(ConfigError, re.escape("data.chat_template_kwargs: expected a mapping, got 'thinking'")):
+        load_config(None, BASE + ["data.chat_template_kwargs=thinking"])
+
+
+def test_max_prompt_length_not_below_max_length():
+    with fails(ConfigError, re.escape("data.max_prompt_length: must be in (0, data.max_length), got 512")):
+        load_config(None, BASE + ["data.max_length=512", "data.max_prompt_length=512"])
+
+
+def test_reference_cache_eval_table_is_its_own(tmp_path):
+    from types import SimpleNamespace
+
+    folder = str(tmp_path / "ref_cache" / "k")
+    train, evals = (
+        torch.arange(6, dtype=torch.float64).reshape(3, 2),
+        -torch.arange(4, dtype=torch.float64).reshape(2, 2),
+    )
+    reference._write_cache(folder, "k", {"train": (train, None), "eval": (evals, None)})
+    ref = reference._read_cache(folder, "k", 3, False, eval_rows=2)
+    batch = SimpleNamespace(row_ids=torch.tensor([1]), input_ids=torch.zeros(1))
+    assert ref.stats(batch, "train")[0].tolist() == [2.0, 3.0] and ref.stats(batch, "eval")[0].tolist() == [
+        -2.0,
+        -3.0,
+    ]
+    with fails(ValueError, re.escape(f"reference cache {folder} was built for other weights/data")):
+        reference._read_cache(folder, "k", 3, False, eval_rows=5)

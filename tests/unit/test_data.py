@@ -55,8 +55,12 @@ def test_conversational_and_implicit(tmp_path, toks, name):
     prompt_text = tok.apply_chat_template(CONVERSATION["prompt"], tokenize=False, add_generation_prompt=True)
     assert tok.decode(ex.prompt_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     assert prompt_text.endswith("assistant\n")
-    assert tok.decode(ex.chosen_ids[:-1]).strip().startswith("one two")
-    assert ex.chosen_ids[-1] == tok.eos_token_id and ex.chosen_ids.count(tok.eos_token_id) == 1
+    assert tok.decode(ex.chosen_ids, skip_special_tokens=False).startswith("one two<|im_end|>")
+    if name == "bpe_chat":  # <|im_end|> is a special token: the template's end of turn, no EOS after it
+        assert tok.eos_token_id not in ex.chosen_ids
+        assert ex.chosen_ids == tok("one two<|im_end|>\n", add_special_tokens=False).input_ids
+    else:  # "<|im_end|>" is plain text to this tokenizer: the response still ends with EOS, once
+        assert ex.chosen_ids[-1] == tok.eos_token_id and ex.chosen_ids.count(tok.eos_token_id) == 1
     implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
                 "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}  # fmt: skip
     (ex2,), _ = load(tmp_path, [implicit], tok)
@@ -102,7 +106,7 @@ BAD_ROWS = [
     ({"prompt": "a", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
     ({"prompt": "a", "chosen": "same", "rejected": "same"}, "identical"),
     ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}],
-      "rejected": [{"role": "assistant", "content": "y"}]}, "list of {role, content}"),
+      "rejected": [{"role": "assistant", "content": "y"}]}, "'prompt' is a message list but this source's rows are standard"),
 ]  # fmt: skip
 
 
@@ -114,11 +118,19 @@ def test_bad_rows_name_source_row_and_problem(tmp_path, toks, row, message):
     assert "data.train[0] rows.jsonl row 2" in text and message in text and "on_bad_row: skip" in text
 
 
+def test_broken_message_list(tmp_path, toks):
+    broken = {"prompt": [{"role": "user"}], "chosen": "x", "rejected": "y"}
+    with pytest.raises(
+        ValueError, match=r"row 2: 'prompt' must be a non-empty list of \{role, content\} messages"
+    ):
+        load(tmp_path, [CONVERSATION, broken], toks["sp_chat"])
+
+
 def test_bad_rows_skipped_and_counted(tmp_path, toks):
     rows = [STANDARD] + [row for row, _ in BAD_ROWS]
     exs, s = load(tmp_path, rows, toks["sp_chat"], on_bad_row="skip")
     assert len(exs) == 1 and sum(s.skipped.values()) == len(BAD_ROWS)
-    assert s.skipped["empty"] == 2 and s.skipped["missing_column"] == 1
+    assert s.skipped["empty"] == 2 and s.skipped["missing_column"] == 1 and s.skipped["mixed_formats"] == 1
     with pytest.raises(ValueError, match="no usable rows"):
         load(tmp_path, rows[1:], toks["sp_chat"], on_bad_row="skip")
 
@@ -168,8 +180,10 @@ LENGTHS = [random.Random(i).randint(10, 100) for i in range(19)]
 
 
 @pytest.mark.parametrize("world, accum, budget", [(1, 2, 0), (2, 2, 0), (3, 1, 0), (2, 2, 60), (3, 2, 50)])
-def test_every_pair_once_per_epoch(world, accum, budget):
+def test_every_pair_at_most_once_per_epoch(world, accum, budget):
     planner = StepPlanner(LENGTHS, 8, world, accum, seed=0, micro_batch_tokens=budget)
+    # 19 = 8 + 8 + 3: the 3 form their own step when 3 >= world × accum micro-batches, else are dropped
+    assert planner.dropped_per_epoch == (3 if world * accum > 3 else 0)
     for epoch in range(2):
         seen = []
         for step in range(planner.steps_per_epoch):
@@ -177,7 +191,7 @@ def test_every_pair_once_per_epoch(world, accum, budget):
             assert len(plan) == world and all(len(r) == accum and all(r) for r in plan)
             seen += [i for rank in plan for micro in rank for i in micro]
             assert planner.pairs_in_step(epoch, step) == sum(len(m) for rank in plan for m in rank)
-        assert sorted(seen) == list(range(19))
+        assert len(seen) == len(set(seen)) == 19 - planner.dropped_per_epoch
 
 
 def test_deterministic_different_per_epoch_and_restorable():
@@ -194,11 +208,36 @@ def test_no_shuffle_keeps_file_order_every_epoch():
     assert planner.step_pairs(0, 1) == list(range(8, 16)) == planner.step_pairs(2, 1)
 
 
-def test_remainder_merged_and_too_few_pairs():
+def test_remainder_dropped_or_own_step_and_too_few_pairs():
     planner = StepPlanner(list(range(1, 20)), 8, 2, 2, seed=0)  # 19 = 8 + 8 + 3, and 3 < 4 micro-batches
-    assert planner.steps_per_epoch == 2 and planner.pairs_in_step(0, 1) == 11
+    assert (
+        planner.steps_per_epoch == 2 and planner.pairs_in_step(0, 1) == 8 and planner.dropped_per_epoch == 3
+    )
+    assert planner.step_pairs(0, 0) + planner.step_pairs(0, 1) != planner.step_pairs(
+        1, 0
+    ) + planner.step_pairs(1, 1)
+    planner = StepPlanner(list(range(1, 22)), 8, 2, 2, seed=0)  # 21 = 8 + 8 + 5: a 5-pair last step
+    assert (
+        planner.steps_per_epoch == 3 and planner.pairs_in_step(0, 2) == 5 and planner.dropped_per_epoch == 0
+    )
     with pytest.raises(ValueError, match="cannot fill"):
         StepPlanner([5, 5, 5], 8, 2, 2, seed=0)
+
+
+@pytest.mark.parametrize("world, micro", [(1, 1), (1, 4), (2, 2), (3, 1), (2, 3)])
+def test_no_micro_batch_exceeds_micro_batch_pairs(world, micro):
+    for steps in (1, 2, 3):
+        global_pairs = world * micro * steps
+        accum = global_pairs // (world * micro)
+        for n in range(world * accum, 5 * global_pairs + 3):
+            planner = StepPlanner([1] * n, global_pairs, world, accum, seed=n)
+            seen = []
+            for step in range(planner.steps_per_epoch):
+                plan = planner.step_plan(0, step)
+                assert all(1 <= len(mb) <= micro for rank in plan for mb in rank), (n, step)
+                seen += [i for rank in plan for mb in rank for i in mb]
+            assert len(set(seen)) == len(seen) == n - planner.dropped_per_epoch
+            assert planner.dropped_per_epoch < world * accum
 
 
 def test_token_budget_bins_are_balanced():
