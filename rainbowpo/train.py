@@ -74,6 +74,7 @@ class Run:
     timings: dict = field(default_factory=dict)  # seconds: data_s, policy_s, reference_s
     logger: MetricsLogger | None = None
     state: dict = field(default_factory=lambda: {"step": 0})
+    resume: ckpt.Resume | None = None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -134,7 +135,7 @@ def resolve_defaults(cfg: Config) -> Config:
 
 def setup(cfg: Config) -> Run:
     cfg = resolve_defaults(cfg)
-    dist = ds.init_distributed()
+    dist = ds.init_distributed(cfg.train.dist_timeout_minutes)
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
     if dist.device.type == "cpu" and cfg.train.retain_host_memory:
@@ -165,8 +166,13 @@ def setup(cfg: Config) -> Run:
         cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt, cfg.model.dtype
     )
     objective = cfg.objective.build() if mode == "preference" else None
+    resume = ckpt.plan_resume(cfg.output.resume, os.path.join(cfg.output.dir, "checkpoints"), dist.world_size)
+    if resume and resume.universal:
+        ckpt.prepare_universal(resume, dist.is_main)
     clock = time.perf_counter()
-    policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)
+    policy = ds.PolicyEngine.build(
+        cfg, dist, grad_accum, total_steps, attn, load_universal=bool(resume and resume.universal)
+    )
     timings["policy_s"], clock = time.perf_counter() - clock, time.perf_counter()
     reference = build_reference(
         cfg,
@@ -179,7 +185,7 @@ def setup(cfg: Config) -> Run:
     )
     timings["reference_s"] = time.perf_counter() - clock
     run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
-              objective, vocab_size(policy.scorer.model), timings)  # fmt: skip
+              objective, vocab_size(policy.scorer.model), timings, resume=resume)  # fmt: skip
     if dist.is_main:
         print_header(run, summary, attn)
     return run
@@ -248,10 +254,12 @@ def print_header(run: Run, summary, attn: str) -> None:
 def loop(run: Run) -> dict:
     cfg, dist = run.cfg, run.dist
     root = os.path.join(cfg.output.dir, "checkpoints")
-    resume_from = ckpt.resolve_resume(cfg.output.resume, root)
-    if resume_from:
-        restore(run, resume_from)
-    run.logger = MetricsLogger(cfg.logging, cfg.output.dir, dist.is_main, run.total_steps, run.state["step"])
+    if run.resume:
+        ckpt.restore(run, run.resume)
+    run.logger = MetricsLogger(cfg.logging, cfg.output.dir, dist.is_main, run.total_steps, run.state["step"],
+                               run_config=cfg.to_dict(), wandb_id=run.state.get("wandb_id"))  # fmt: skip
+    if run.logger.wandb_id:
+        run.state["wandb_id"] = run.logger.wandb_id  # saved with each checkpoint: a resume continues the run
     if run.state["step"] == 0:
         verify_settings(run)
     last_record: dict = {}
@@ -261,7 +269,7 @@ def loop(run: Run) -> dict:
         if run.eval_set and _due(cfg.train.eval_every, step, last_step):
             run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
         if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
-            save(run, root)
+            ckpt.save(run, root)
         if last_step:
             break
         last_record = train_step(run, step)
@@ -388,48 +396,7 @@ def _epoch(run: Run, step: int) -> float:
     return step / run.planner.steps_per_epoch
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save(run: Run, root: str) -> None:
-    """Every rank writes into a temp folder; rank 0 adds the state and the marker last, then renames.
-
-    A failure (disk full, quota) leaves the previous complete checkpoint untouched and says so."""
-    step = run.state["step"]
-    final = os.path.join(root, ckpt.step_tag(step))
-    if os.path.isdir(final):
-        return
-    tmp = os.path.join(root, ".tmp-" + ckpt.step_tag(step))
-    try:
-        if run.dist.is_main:
-            os.makedirs(root, exist_ok=True)
-            ckpt.remove_tree(tmp)
-        ds.barrier()
-        run.policy.save(root, os.path.basename(tmp))
-        ckpt.write_rank_state(tmp, run.dist.rank)
-        ds.barrier()
-        if run.dist.is_main:
-            state = {**run.state, "world_size": run.dist.world_size, "total_steps": run.total_steps}
-            ckpt.finalize(tmp, final, state)
-            ckpt.prune(root, run.cfg.output.keep_last)
-    except OSError as exc:
-        previous = ckpt.complete_checkpoints(root)
-        raise ckpt.CheckpointError(
-            f"saving the step-{step} checkpoint failed ({exc}); "
-            + (f"{previous[-1]} is intact and output.resume: auto continues from it" if previous
-               else "there is no earlier checkpoint")
-            + "; free disk space and restart"
-        ) from None  # fmt: skip
-    ds.barrier()
-
-
-def restore(run: Run, folder: str) -> None:
-    state = ckpt.read_trainer_state(folder)
-    run.policy.load(os.path.dirname(folder), os.path.basename(folder))
-    ckpt.read_rank_state(folder, run.dist.rank)
-    run.state.update(step=int(state["step"]))
-    if run.dist.is_main:
-        print(f"resumed from {folder} at step {run.state['step']} / {run.total_steps}")
+# ----------------------------------------------------------------------------- export
 
 
 def export(run: Run, out_dir: str) -> None:

@@ -1,0 +1,74 @@
+"""What only a cluster does (docs/reliability.md, docs/distributed.md): another world size on resume, a dead
+rank, a rank whose shards land elsewhere.
+
+- Resume on another world size: ZeRO-2 and ZeRO-3, each one chain 2 ranks → SIGKILL after the step-2
+  checkpoint → 1 rank → SIGKILL after the step-4 checkpoint → 2 ranks to step 6 (so 2→1 and 1→2 are both
+  crossed, each through DeepSpeed's universal conversion). The final weights equal an uninterrupted 2-rank
+  run to 1e-5 and metrics.jsonl has every step exactly once.
+- A dead rank: two ranks started as two "nodes" (no launcher between them); rank 1 is SIGKILLed mid-run;
+  rank 0 exits non-zero within train.dist_timeout_minutes with one line naming rank 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, base_overrides, final_weights, free_port, launch, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+CHAIN = {"train.epochs": 3, "train.max_steps": 6, "output.save_every": 2, "output.keep_last": 3,
+         "objective.preset": "dpo"}  # fmt: skip
+
+
+def start(overrides: list[str], nprocs: int) -> subprocess.Popen:
+    """A training run in its own process group (one killpg takes the launcher and its ranks)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    if nprocs == 1:
+        cmd = [sys.executable, "-m", "rainbowpo.train", *overrides]
+    else:
+        ds = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [ds, "--num_accelerators", str(nprocs), "--master_port", str(free_port()), "--module",
+               "rainbowpo.train", *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    """SIGKILL the whole run as soon as the step-`step` checkpoint is COMPLETE."""
+    marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
+    deadline = time.monotonic() + timeout
+    while not marker.is_file():
+        assert proc.poll() is None, f"the run ended before the step-{step} checkpoint"
+        assert time.monotonic() < deadline, "checkpoint never written"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_resume_on_another_world_size_equals_uninterrupted_run(workspace, tmp_path, stage):
+    straight = tmp_path / "straight"
+    launch(base_overrides(workspace, straight, **CHAIN, **{"deepspeed.config": stage}), nprocs=2)
+
+    out = tmp_path / "chain"
+    over = base_overrides(workspace, out, **CHAIN, **{"deepspeed.config": stage})
+    kill_after_checkpoint(start(over, 2), out, 2)
+    kill_after_checkpoint(start(over, 1), out, 4)  # 2 → 1 ranks
+    proc = launch(over, nprocs=2)  # 1 → 2 ranks
+    assert "resumed from" in proc.stdout and "(universal conversion) at step 4" in proc.stdout
+
+    assert (out / "checkpoints" / "step-000002" / "universal").is_dir()
+    assert (out / "checkpoints" / "step-000004" / "universal").is_dir()
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, 7)), steps  # no step duplicated or lost
+    a, b = final_weights(straight), final_weights(out)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst
