@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -136,32 +137,41 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 
 def diagnose_lost_ranks(exc: BaseException) -> RankLostError:
-    """After a failed collective: a monitored barrier among the survivors names the rank(s) that are gone."""
+    """After a failed collective: every survivor checks in at the rendezvous store (hosted by rank 0) and
+    waits up to min(timeout / 2, 60 s) for the others; the ranks that never check in are named."""
     if isinstance(exc, RankLostError):
         return exc
+    me, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    window = min(_MONITOR.get("timeout", timedelta(minutes=2)).total_seconds() / 2, 60.0)
     try:
-        torch.distributed.monitored_barrier(
-            group=_MONITOR.get("group"), timeout=_MONITOR.get("timeout"), wait_all_ranks=True
-        )
-    except RuntimeError as probe:
-        return RankLostError(lost_ranks_message(str(probe)))
-    return RankLostError(lost_ranks_message(str(exc)))
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(f"rainbowpo/alive/{me}", "1")
+        deadline = time.monotonic() + window
+        while True:
+            missing = [r for r in range(world) if not store.check([f"rainbowpo/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
+        missing = None
+    return RankLostError(lost_ranks_message(str(exc), missing))
 
 
-def lost_ranks_message(text: str) -> str:
-    """One line naming the lost rank(s) from a gloo/monitored-barrier error text."""
+def lost_ranks_message(text: str, missing: list[int] | None = None) -> str:
+    """One line naming the lost rank(s): from `missing`, or a monitored barrier's error text."""
     me = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier", text)
-    if found:
-        ranks = sorted({int(r) for r in re.findall(r"\d+", found.group(1))})
-        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-    elif me != 0:
-        who = "rank 0 (or the link to it)"
+    if missing is None and found:
+        missing = sorted({int(r) for r in re.findall(r"\d+", found.group(1))})
+    if missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+    elif missing is None and me != 0:
+        who = "rank 0 (it hosts the rendezvous store) or the link to it"
     else:
-        who = "a peer rank"
+        who = "no rank is missing, yet a collective"
     first = text.strip().splitlines()[0][:160] if text.strip() else "no detail"
     return (
-        f"{who} stopped responding (died or hung) as seen by rank {me} [{first}]; this rank stops. "
+        f"{who} stopped responding (died or hung), seen by rank {me} [{first}]; this rank stops. "
         "Restart the job; output.resume: auto continues from the last complete checkpoint"
     )
 

@@ -52,7 +52,7 @@ class NonFiniteLossError(RuntimeError):
     """A non-finite loss or gradient with train.on_nan: stop."""
 
 
-USER_ERRORS = (ValueError, NonFiniteLossError, ckpt.CheckpointError)  # printed as one line by main()
+USER_ERRORS = (ValueError, NonFiniteLossError, ckpt.CheckpointError, ds.RankLostError)  # one line by main()
 
 
 @dataclass
@@ -112,6 +112,10 @@ def train(cfg: Config) -> dict:
     run = setup(cfg)
     try:
         return loop(run)
+    except RuntimeError as exc:  # a peer that died surfaces as a gloo/NCCL error in some collective
+        if run.dist.world_size > 1 and ds.is_comm_failure(exc):
+            raise ds.diagnose_lost_ranks(exc) from None
+        raise
     finally:
         if run.logger:
             run.logger.close()

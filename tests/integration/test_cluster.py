@@ -72,3 +72,31 @@ def test_resume_on_another_world_size_equals_uninterrupted_run(workspace, tmp_pa
     a, b = final_weights(straight), final_weights(out)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, worst
+
+
+def test_a_dead_rank_is_named_and_the_survivor_exits_non_zero(workspace, tmp_path):
+    """Two ranks as two nodes (no common launcher): SIGKILL rank 1 after step 1; rank 0 must not hang."""
+    out = tmp_path / "dead"
+    over = base_overrides(workspace, out, **{"train.epochs": 50, "train.max_steps": 200, "objective.preset": "dpo",
+                                             "deepspeed.config": "zero2", "train.dist_timeout_minutes": 0.5})  # fmt: skip
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "rainbowpo.train", *over], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert procs[0].poll() is None and time.monotonic() < deadline, "rank 0 never logged a step"
+        time.sleep(0.01)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    text, _ = procs[0].communicate(timeout=120)
+    waited = time.monotonic() - killed_at
+    procs[1].wait()
+    assert procs[0].returncode != 0
+    lines = [line for line in text.splitlines() if "stopped responding" in line]
+    assert lines and "rank 1 stopped responding" in lines[0], text[-3000:]
+    assert waited < 0.5 * 60 + 30, waited  # within train.dist_timeout_minutes (plus exit)
