@@ -196,7 +196,10 @@ class TrainSection:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
         _require(
-            self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be > 0", self.dist_timeout_minutes
+            self.dist_timeout_minutes > 0,
+            "train.dist_timeout_minutes",
+            "must be > 0",
+            self.dist_timeout_minutes,
         )
         _require(
             self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,

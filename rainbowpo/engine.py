@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from rainbowpo.config import Config, ConfigError, TrainSection
-from rainbowpo.logprobs import SequenceScorer
+from rainbowpo.logprobs import SequenceScorer, router_aux_coef
 
 DS_PRESETS = Path(__file__).resolve().parent.parent / "ds_configs"
 MANAGED_KEYS = (
@@ -132,7 +132,9 @@ def is_comm_failure(exc: BaseException) -> bool:
     """A collective failed because a peer went away (gloo/NCCL connection errors and timeouts)."""
     text = str(exc)
     return isinstance(exc, RankLostError) or bool(
-        re.search(r"(?i)gloo|nccl|connection (closed|reset|refused)|broken pipe|timed out|monitoredBarrier", text)
+        re.search(
+            r"(?i)gloo|nccl|connection (closed|reset|refused)|broken pipe|timed out|monitoredBarrier", text
+        )
     )
 
 
@@ -353,7 +355,8 @@ class PolicyEngine:
         model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb)
+        aux_coef = router_aux_coef(model, cfg.train.router_aux_loss_coef)  # MoE only
+        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb, aux_coef)
         t = cfg.train
         optimizer = _adamw(scorer.parameters(), t)
 

@@ -31,7 +31,7 @@ from rainbowpo.data.collate import collate
 from rainbowpo.data.sampler import StepPlanner, token_budget_grad_accum
 from rainbowpo.data.tokenize import load_examples
 from rainbowpo.host import retain_freed_memory
-from rainbowpo.logprobs import vocab_size
+from rainbowpo.logprobs import check_head, vocab_size
 from rainbowpo.metrics import MetricsLogger, Throughput
 from rainbowpo.objective import preference_loss
 from rainbowpo.reference import build_reference
@@ -291,10 +291,16 @@ def train_step(run: Run, step: int) -> dict:
     step_pairs = run.planner.pairs_in_step(epoch, index)
     sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=run.dist.device)  # stays on device
     clock = Throughput()
+    aux_sum = 0.0
     for indices in micro_batches:
         batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in indices]).to(run.dist.device)
         losses, metrics = compute_losses(run, batch, train=True)
-        run.policy.backward(losses.sum() * (run.dist.world_size / step_pairs))
+        loss = losses.sum() * (run.dist.world_size / step_pairs)
+        aux = run.policy.scorer.aux_loss  # MoE router load balancing; DeepSpeed averages it over ranks
+        if aux is not None:
+            loss = loss + run.policy.scorer.aux_coef * aux / len(micro_batches)
+            aux_sum += float(aux.detach()) / len(micro_batches)
+        run.policy.backward(loss)
         sums[:-1] += metrics
         sums[-1] += batch.num_tokens
     sums = ds.all_reduce_sum(sums).cpu()  # the step's one host synchronization
@@ -310,6 +316,8 @@ def train_step(run: Run, step: int) -> dict:
     if run.objective is None:  # SFT: only the loss and the completions' log-prob mean
         record = {"loss": record["loss"], "logps/completion": record["logps/chosen"]}
     record.update(lr=run.policy.lr(), grad_norm=grad_norm, tokens_per_second=clock.rate(float(sums[-1])))
+    if run.policy.scorer.aux_coef > 0:
+        record["router_aux_loss"] = aux_sum  # rank 0's micro-batches
     if skipped:
         record["skipped_nonfinite"] = 1
         if run.dist.is_main:
@@ -368,7 +376,15 @@ def evaluate(run: Run, examples: list, limit: int | None = None) -> dict:
 
 
 def verify_settings(run: Run) -> None:
-    """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours."""
+    """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours.
+
+    Also `check_head`: the fast LM-head path's log-probs equal log_softmax(model(...).logits) on this
+    rank's first micro-batch (stops with ValueError when an architecture transforms its logits unknown)."""
+    first = run.planner.micro_batches(0, 0, run.dist.rank)[0]
+    batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in first]).to(run.dist.device)
+    run.policy.engine.eval()
+    check_head(run.policy.scorer, batch)
+    run.policy.engine.train()
     metrics = evaluate(run, run.train_set, limit=run.dist.world_size)
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
