@@ -249,6 +249,10 @@ def print_header(run: Run, summary, attn: str) -> None:
         f" | ~{tokens / max(1, run.planner.steps_per_epoch):.0f} tokens/step | {run.total_steps} steps"
         f" | attention {attn} | reference {cfg.reference_mode()} | ZeRO stage {ds.zero_stage(run.policy.ds_config)}"
     )
+    if run.policy.scorer.aux_coef > 0 or ds.moe_block_classes(run.policy.scorer.model):
+        leaves = [c.__name__ for c in ds.moe_block_classes(run.policy.scorer.model)]
+        print(f"mixture of experts: router aux loss coefficient {run.policy.scorer.aux_coef:g}"
+              f"{f' | ZeRO-3 leaf modules {leaves}' if ds.zero_stage(run.policy.ds_config) == 3 else ''}")  # fmt: skip
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 

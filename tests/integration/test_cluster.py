@@ -100,3 +100,30 @@ def test_a_dead_rank_is_named_and_the_survivor_exits_non_zero(workspace, tmp_pat
     lines = [line for line in text.splitlines() if "stopped responding" in line]
     assert lines and "rank 1 stopped responding" in lines[0], text[-3000:]
     assert waited < 0.5 * 60 + 30, waited  # within train.dist_timeout_minutes (plus exit)
+
+
+def test_tiny_moe_trains_on_two_ranks_with_zero3(workspace, tmp_path):
+    """Qwen2-MoE (4 experts, top-2) under ZeRO-3 on 2 ranks: expert blocks are leaf modules (no stall on
+    experts one rank's tokens skip), the router aux loss is added with the model's own coefficient."""
+    from transformers import AutoTokenizer
+
+    from rainbowpo.tiny import build_tiny_model
+
+    moe = tmp_path / "moe"
+    tok = AutoTokenizer.from_pretrained(str(workspace / "model"))
+    build_tiny_model(tok, str(moe), arch="qwen2_moe", hidden=32, layers=2, heads=4, kv_heads=2, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                     decoder_sparse_step=1)  # fmt: skip
+    out = tmp_path / "out"
+    over = base_overrides(workspace, out, **{"model.path": str(moe), "train.max_steps": 2, "objective.preset": "dpo",
+                                             "deepspeed.config": "zero3"})  # fmt: skip
+    proc = launch(over, nprocs=2, timeout=300)
+    assert "router aux loss coefficient 0.001 | ZeRO-3 leaf modules ['Qwen2MoeSparseMoeBlock']" in proc.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 < r["router_aux_loss"] < 10 and r["loss"] == r["loss"] for r in rows), rows
+    from safetensors.torch import load_file  # the export differs from the initial weights: trained
+
+    start, end = load_file(str(moe / "model.safetensors")), final_weights(out)
+    gate = next(k for k in start if k.endswith("mlp.gate.weight"))
+    assert (start[gate] - end[gate]).abs().max() > 0, "the router was not trained"
