@@ -278,6 +278,8 @@ def loop(run: Run) -> dict:
             run.logger.log({**evaluate(run, run.eval_set), "step": step, "epoch": _epoch(run, step)}, "eval/")
         if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
             ckpt.save(run, root)
+        if cfg.output.export_every and not last_step and _due(cfg.output.export_every, step, False):
+            export(run, os.path.join(cfg.output.dir, "exports", ckpt.step_tag(step)))
         if last_step:
             break
         last_record = train_step(run, step)

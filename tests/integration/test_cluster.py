@@ -104,7 +104,8 @@ def test_a_dead_rank_is_named_and_the_survivor_exits_non_zero(workspace, tmp_pat
 
 def test_tiny_moe_trains_on_two_ranks_with_zero3(workspace, tmp_path):
     """Qwen2-MoE (4 experts, top-2) under ZeRO-3 on 2 ranks: expert blocks are leaf modules (no stall on
-    experts one rank's tokens skip), the router aux loss is added with the model's own coefficient."""
+    experts one rank's tokens skip), the router aux loss is added with the model's own coefficient.
+    Also output.export_every: an intermediate HF export after step 1."""
     from transformers import AutoTokenizer
 
     from rainbowpo.tiny import build_tiny_model
@@ -116,7 +117,7 @@ def test_tiny_moe_trains_on_two_ranks_with_zero3(workspace, tmp_path):
                      decoder_sparse_step=1)  # fmt: skip
     out = tmp_path / "out"
     over = base_overrides(workspace, out, **{"model.path": str(moe), "train.max_steps": 2, "objective.preset": "dpo",
-                                             "deepspeed.config": "zero3"})  # fmt: skip
+                                             "deepspeed.config": "zero3", "output.export_every": 1})  # fmt: skip
     proc = launch(over, nprocs=2, timeout=300)
     assert "router aux loss coefficient 0.001 | ZeRO-3 leaf modules ['Qwen2MoeSparseMoeBlock']" in proc.stdout
     rows = read_metrics(out)
@@ -127,3 +128,30 @@ def test_tiny_moe_trains_on_two_ranks_with_zero3(workspace, tmp_path):
     start, end = load_file(str(moe / "model.safetensors")), final_weights(out)
     gate = next(k for k in start if k.endswith("mlp.gate.weight"))
     assert (start[gate] - end[gate]).abs().max() > 0, "the router was not trained"
+    assert sorted(os.listdir(out / "exports")) == ["step-000001"]  # output.export_every 1; step 2 is final/
+    mid = load_file(str(out / "exports" / "step-000001" / "model.safetensors"))
+    assert 0 < (mid[gate] - start[gate]).abs().max() and (mid[gate] - end[gate]).abs().max() > 0
+
+
+def test_wandb_offline_logs_the_config_and_a_resumed_run_continues_the_same_run(workspace, tmp_path):
+    """WANDB_MODE=offline: the run id is saved in each checkpoint; SIGKILL after the step-2 checkpoint and
+    the resumed process logs into the same W&B run (same id), with the resolved config."""
+    pytest.importorskip("wandb")
+    os.environ["WANDB_MODE"] = "offline"
+    out = tmp_path / "wb"
+    over = base_overrides(workspace, out, **{"train.epochs": 2, "train.max_steps": 4, "output.save_every": 2,
+                                             "objective.preset": "dpo", "logging.wandb": True,
+                                             "deepspeed.config": "zero2"})  # fmt: skip
+    try:
+        kill_after_checkpoint(start(over, 1), out, 2)
+        launch(over, nprocs=1)
+    finally:
+        del os.environ["WANDB_MODE"]
+    from rainbowpo.checkpoint import read_trainer_state
+
+    run_id = read_trainer_state(str(out / "checkpoints" / "step-000002"))["wandb_id"]
+    assert read_trainer_state(str(out / "checkpoints" / "step-000004"))["wandb_id"] == run_id
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+    record = (out / "wandb" / runs[-1] / f"run-{run_id}.wandb").read_bytes()  # offline: config in the log
+    assert b"dist_timeout_minutes" in record and b"global_batch_pairs" in record
