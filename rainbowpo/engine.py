@@ -431,7 +431,7 @@ class PolicyEngine:
         each rank's partition, padding excluded, then all-reduces). A collective under ZeRO-3."""
         sharded = zero_stage(self.ds_config) == 3
         rank = torch.distributed.get_rank() if sharded else 0
-        total = torch.zeros(2, dtype=torch.float64)
+        total = None
         for p in self.engine.module.parameters():
             if sharded:
                 part = p.ds_tensor.detach().reshape(-1)
@@ -439,11 +439,15 @@ class PolicyEngine:
                 t = part[: max(0, min(part.numel(), p.ds_numel - start))]
             else:
                 t = p.detach().reshape(-1)
-            t = t.double().cpu()
-            total += torch.stack([t.sum(), t.square().sum()])
+            if total is None:
+                total = torch.zeros(2, dtype=torch.float64, device=t.device)
+            for chunk in t.split(1 << 24):  # float64 copies of at most 128 MB, on the parameter's device
+                c = chunk.double()
+                total += torch.stack([c.sum(), c.square().sum()])
+        total = total if total is not None else torch.zeros(2, dtype=torch.float64)
         if sharded:
-            all_reduce_sum(total)
-        return total.tolist()
+            total = all_reduce_sum(total.to(self.engine.device))  # NCCL needs it on the GPU
+        return total.cpu().tolist()
 
     # --------------------------------------------------------------- checkpoints and export
 
