@@ -127,3 +127,15 @@ def test_checksum_mismatch_after_load_stops_with_the_numbers(tmp_path):
     message = str(info.value)
     assert "do not match the saved ones" in message and "[1.0, 2.0]" in message and "[0.5, 2.0]" in message
     assert "resume on 2 ranks" in message
+
+
+def test_lost_rank_messages_name_the_rank():
+    from rainbowpo.engine import is_comm_failure, lost_ranks_message
+
+    text = "[../monitored_barrier.cpp] Ranks 1, 3 failed to pass monitoredBarrier in 30000 ms"
+    assert lost_ranks_message(text).startswith("ranks 1, 3 stopped responding (died or hung), seen by rank 0")
+    message = lost_ranks_message("Connection closed by peer [10.0.0.2]:4242", missing=[1])
+    assert message.startswith("rank 1 stopped responding") and "output.resume: auto" in message
+    assert "\n" not in message
+    assert is_comm_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert not is_comm_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
