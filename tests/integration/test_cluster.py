@@ -118,7 +118,7 @@ def test_tiny_moe_trains_on_two_ranks_with_zero3(workspace, tmp_path):
     out = tmp_path / "out"
     over = base_overrides(workspace, out, **{"model.path": str(moe), "train.max_steps": 2, "objective.preset": "dpo",
                                              "deepspeed.config": "zero3", "output.export_every": 1})  # fmt: skip
-    proc = launch(over, nprocs=2, timeout=300)
+    proc = launch(over, nprocs=2, timeout=600)
     assert "router aux loss coefficient 0.001 | ZeRO-3 leaf modules ['Qwen2MoeSparseMoeBlock']" in proc.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
