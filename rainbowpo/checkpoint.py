@@ -176,8 +176,8 @@ def missing_ranks_message(folder: str, missing: list[int], world_size: int) -> s
 
 
 def save(run, root: str) -> None:
-    """Every rank writes into a temp folder and marks its part done; rank 0 checks that all ranks' markers are
-    there, adds the state and COMPLETE last, then renames.
+    """Every rank writes into a temp folder and marks its part done; every rank checks that all ranks' markers
+    are visible (so all stop together when one is not); rank 0 adds the state and COMPLETE last, renames.
 
     A failure (disk full, quota, a rank's shard elsewhere) leaves the previous complete checkpoint untouched
     and says so."""
@@ -252,9 +252,10 @@ def convert_to_universal(folder: str) -> str:
     interrupted conversion is redone); `--inject_missing_state` because HF models carry no universal info."""
     out, tmp = os.path.join(folder, UNIVERSAL), os.path.join(folder, UNIVERSAL + ".tmp")
     remove_tree(tmp)
+    cpus = os.cpu_count() or 1  # DeepSpeed's defaults are 4 extract and 2 merge processes
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
-           "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]  # fmt: skip
+           "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", str(min(4, cpus)),
+           "--num_merge_workers", str(min(2, cpus))]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isdir(os.path.join(tmp, "zero")):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
