@@ -194,6 +194,12 @@ class TrainSection:
     retain_host_memory: bool = True
     """CPU training on glibc: keep freed memory in the process for reuse instead of handing it back to the
     OS, so large tensors are not page-faulted in anew every step (~10 % faster here; RSS does not shrink)."""
+    dist_timeout_minutes: float = 60.0
+    """Collective timeout: a rank that dies or hangs makes the others stop after this long, naming it. Must
+    exceed the longest single-rank pause (rank 0 writing the final export, a checkpoint conversion)."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router load-balancing loss added to the objective
+    (None: the model config's own `router_aux_loss_coef`; 0: off). Ignored for dense models."""
 
     def __post_init__(self) -> None:
         for key in ("global_batch_pairs", "micro_batch_pairs", "epochs", "logprob_chunk"):
@@ -203,6 +209,18 @@ class TrainSection:
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
+        _require(
+            self.dist_timeout_minutes > 0,
+            "train.dist_timeout_minutes",
+            "must be > 0",
+            self.dist_timeout_minutes,
+        )
+        _require(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "train.router_aux_loss_coef",
+            "must be >= 0 or null",
+            self.router_aux_loss_coef,
+        )
         _require(
             self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens
         )
@@ -236,12 +254,15 @@ class OutputConfig:
     """auto: continue from the newest complete checkpoint; never; or a checkpoint path."""
     export: bool = True
     """Write a Hugging Face model folder to <dir>/final at the end."""
+    export_every: int = 0
+    """Also write a Hugging Face folder <dir>/exports/step-N every N optimizer steps (0 = none)."""
     checkpoints: bool = True
     """Write resumable checkpoints (false: none at all, e.g. for benchmarks; a killed run is then lost)."""
 
     def __post_init__(self) -> None:
         _require(self.keep_last >= 1, "output.keep_last", "must be >= 1", self.keep_last)
         _require(self.save_every >= 0, "output.save_every", "must be >= 0", self.save_every)
+        _require(self.export_every >= 0, "output.export_every", "must be >= 0", self.export_every)
 
 
 @dataclass(frozen=True)

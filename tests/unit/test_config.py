@@ -112,3 +112,12 @@ def test_ds_config_conflicts_and_auto():
 def test_config_imports_without_torch():
     code = "import sys, rainbowpo.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_paper_config_matches_the_official_optimizer_and_schedule():
+    """hanyang1999/RainbowPO examples/scripts/dpo_zero3.py: TRL's AdamW defaults (β 0.9/0.999, no weight
+    decay, clip 1.0) and a forced cosine schedule; 8 ranks × micro 1 give 256 pairs per step."""
+    cfg = load_config(str(ROOT / "configs" / "paper" / "rainbowpo_llama3_8b.yaml"))
+    assert cfg.train.adam_betas == (0.9, 0.999) and cfg.train.lr_schedule == "cosine"
+    assert cfg.train.weight_decay == 0.0 and cfg.train.max_grad_norm == 1.0
+    assert cfg.train.grad_accum(8) == 32 and cfg.train.global_batch_pairs == 256
