@@ -233,11 +233,15 @@ class Round:
     def __init__(self, out: Path, r: int):
         self.r, self.dir = r, out / f"round-{r}"
 
+    def marker(self, stage: str) -> Path:
+        """<stage>.DONE per stage; DONE for the whole round."""
+        return self.dir / ("DONE" if stage == "round" else f"{stage}.DONE")
+
     def done(self, stage: str) -> bool:
-        return (self.dir / f"{stage}.DONE").exists()
+        return self.marker(stage).exists()
 
     def mark(self, stage: str, info: dict) -> None:
-        write_json(self.dir / f"{stage}.DONE", {"stage": stage, "finished": time.time(), **info})
+        write_json(self.marker(stage), {"stage": stage, "finished": time.time(), **info})
 
     @property
     def policy(self) -> Path:
@@ -284,7 +288,7 @@ class StageError(RuntimeError):
 
 def run_round(cfg: IterateConfig, rnd: Round, base: Path, launch: dict) -> Path:
     """Round r: data from `base` (policy r−1), policy r trained from it; returns policy r."""
-    if rnd.done("DONE"):
+    if rnd.done("round"):
         say(f"round {rnd.r}: done earlier ({rnd.dir}), skipped")
         return rnd.policy
     rnd.dir.mkdir(parents=True, exist_ok=True)
@@ -412,6 +416,7 @@ def evaluate(cfg: IterateConfig, out: Path, model: Path, label: str) -> None:
     from data_prep.evaluate import bootstrap_ci
 
     e = cfg.eval
+    out.mkdir(parents=True, exist_ok=True)
     modes = {"greedy": (1, 0.0)} | ({"sampled": (e.samples, e.temperature)} if e.samples else {})
     say(f"{label}: evaluate {model} on {e.prompts} ({', '.join(modes)})")
     scorer = score_stage.make_scorer(
@@ -472,7 +477,7 @@ def finish_round(cfg: IterateConfig, rnd: Round, base_fp: str) -> None:
         "train": train_stats(rnd.dir / "train" / "metrics.jsonl"),
     }
     write_json(rnd.dir / "summary.json", summary)
-    rnd.mark("DONE", {"base_fingerprint": base_fp, "policy_fingerprint": policy_fp})
+    rnd.mark("round", {"base_fingerprint": base_fp, "policy_fingerprint": policy_fp})
     say(f"round {rnd.r}: done; policy {rnd.r} = {rnd.policy} ({policy_fp}); {len(pairs)} pairs; "
         + ", ".join(f"{m} reward {v['mean_reward']:.3f}" for m, v in summary["eval"].items()))  # fmt: skip
 
@@ -521,7 +526,7 @@ def mean_tokens(texts: list[str], tokenizer_dir: Path) -> float:
 def round_zero(cfg: IterateConfig, out: Path) -> None:
     """Round 0: the SFT model on the held-out prompts, the row every round is compared with."""
     rnd = Round(out, 0)
-    if rnd.done("DONE"):
+    if rnd.done("round"):
         return
     rnd.dir.mkdir(parents=True, exist_ok=True)
     model = Path(cfg.model.path)
@@ -531,7 +536,7 @@ def round_zero(cfg: IterateConfig, out: Path) -> None:
     fp = model_fingerprint(str(model))
     write_json(rnd.dir / "summary.json", {"round": 0, "policy": str(model), "policy_fingerprint": fp,
                                           "eval": eval_stats(rnd.dir / "eval", model)})  # fmt: skip
-    rnd.mark("DONE", {"policy_fingerprint": fp})
+    rnd.mark("round", {"policy_fingerprint": fp})
 
 
 # ----------------------------------------------------------------------------- the loop
