@@ -17,6 +17,52 @@ import json
 import statistics
 from pathlib import Path
 
+# ----------------------------------------------------------------------------- a round's numbers
+
+
+def candidate_stats(rows: list[dict], tokenizer_dir: Path) -> dict:
+    """Reward spread of the candidates: overall mean and sd, and the mean within-prompt range and sd."""
+    rewards = [x for r in rows for x in r["rewards"]]
+    ranges = [max(r["rewards"]) - min(r["rewards"]) for r in rows if r["rewards"]]
+    sds = [statistics.pstdev(r["rewards"]) for r in rows if r["rewards"]]
+    return {"reward_mean": statistics.fmean(rewards), "reward_sd": statistics.pstdev(rewards),
+            "within_prompt_range": statistics.fmean(ranges), "within_prompt_sd": statistics.fmean(sds),
+            "mean_tokens": mean_tokens([c for r in rows for c in r["candidates"]], tokenizer_dir)}  # fmt: skip
+
+
+def eval_stats(folder: Path, model: Path) -> dict:
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        res = json.loads(path.read_text())
+        texts = [t for a in res["answers"] for t in a["answers"]]
+        out[path.stem] = {"mean_reward": res["mean_reward"], "ci95": res["ci95"], "solve_rate": res["solve_rate"],
+                          "prompts": res["prompts"], "mean_tokens": mean_tokens(texts, model)}  # fmt: skip
+    return out
+
+
+def train_stats(metrics: Path) -> dict:
+    from rainbowpo.metrics import read_metrics
+
+    rows = [r for r in read_metrics(str(metrics)) if "loss" in r] if metrics.exists() else []
+    if not rows:
+        return {}
+    keys = ("loss", "rewards/accuracies", "lengths/chosen", "lengths/rejected")
+    return {"steps": len(rows), **{f"last/{k}": rows[-1][k] for k in keys if k in rows[-1]},
+            **{f"mean/{k}": sum(r[k] for r in rows) / len(rows) for k in keys[2:] if k in rows[0]}}  # fmt: skip
+
+
+def mean_tokens(texts: list[str], tokenizer_dir: Path) -> float:
+    """Mean answer length in the policy's tokens (EOS not counted)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not texts:
+        return 0.0
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
+
+
+# ----------------------------------------------------------------------------- the report
+
 
 def read_rounds(run: Path) -> list[dict]:
     rounds = [json.loads(p.read_text()) for p in run.glob("round-*/summary.json")]
