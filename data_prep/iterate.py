@@ -246,16 +246,18 @@ def evaluate(cfg: IterateConfig, out: Path, model: Path, label: str) -> None:
     scorer = score_stage.make_scorer(
         e.reward or cfg.prep.reward or None, None if e.reward else cfg.prep.reward_model or None
     )
-    for mode, (n, temperature) in modes.items():
-        answers, scored = out / f"{mode}-answers", out / f"{mode}-scored"
+    cmds, logs, procs = [], [], cfg.prep.procs
+    for mode, (n, temperature) in modes.items():  # all modes' generations at once: one start-up wait
         cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(model), "--prompts", e.prompts,
-               "--out", str(answers), "--n", str(n), "--temperature", str(temperature),
+               "--out", str(out / f"{mode}-answers"), "--n", str(n), "--temperature", str(temperature),
                "--max-new-tokens", str(e.max_new_tokens), "--seed", str(e.seed), "--engine", cfg.prep.engine,
                "--chunk", str(cfg.prep.chunk)]  # fmt: skip
-        procs = cfg.prep.procs
-        run_parallel([cmd + ["--shard", f"{i}/{procs}"] for i in range(procs)],
-                     [out / f"{mode}-{i}.log" for i in range(procs)])  # fmt: skip
-        score_stage.score(str(answers), str(scored), scorer)
+        cmds += [cmd + ["--shard", f"{i}/{procs}"] for i in range(procs)]
+        logs += [out / f"{mode}-{i}.log" for i in range(procs)]
+    run_parallel(cmds, logs)
+    for mode, (n, temperature) in modes.items():
+        scored = out / f"{mode}-scored"
+        score_stage.score(str(out / f"{mode}-answers"), str(scored), scorer)
         rows = sorted(read_parts(str(scored)), key=lambda r: r["id"])
         per_prompt = [statistics.fmean(r["rewards"][:n]) for r in rows]
         write_json(out / f"{mode}.json", {
