@@ -327,6 +327,23 @@ def round_zero(cfg: IterateConfig, out: Path) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def hold_run_lock(out: Path):
+    """One driver per run folder: an exclusive flock on output.dir/.lock, released by the kernel when this
+    process ends in any way (a SIGKILLed run leaves no stale lock). Returns the open file; keep it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"{out} is in use by another data_prep.iterate run; wait for it or stop it"
+        ) from None
+    return handle
+
+
 def iterate(cfg: IterateConfig, rounds: int, hostfile: str = "") -> list[Path]:
     """Round 0 (evaluate the SFT model), then rounds 1..R; returns the policies. Writes the report."""
     import dataclasses
@@ -334,6 +351,7 @@ def iterate(cfg: IterateConfig, rounds: int, hostfile: str = "") -> list[Path]:
     from data_prep.iterate_report import write_report
 
     out = Path(cfg.output.dir)
+    lock = hold_run_lock(out)  # noqa: F841  (held until this process ends, however it ends)
     raw = flatten(dataclasses.asdict(cfg))
     check_same_run(cfg, out, raw)
     launch = {"hostfile": hostfile or cfg.train.hostfile, "num_accelerators": cfg.train.num_accelerators}

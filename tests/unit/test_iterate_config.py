@@ -147,3 +147,11 @@ def test_a_run_folder_refuses_another_config_but_not_more_rounds(tmp_path, files
 def test_shipped_iterate_configs_build(path):
     cfg = build(iterate.IterateConfig, read_tree(str(path)), "")
     assert cfg.train.config and (ROOT / cfg.train.config).is_file()
+
+
+def test_one_driver_per_run_folder(tmp_path):
+    held = iterate.hold_run_lock(tmp_path / "run")
+    with pytest.raises(ConfigError, match="in use by another data_prep.iterate run"):
+        iterate.hold_run_lock(tmp_path / "run")
+    held.close()  # what the end of the first process does
+    iterate.hold_run_lock(tmp_path / "run").close()
