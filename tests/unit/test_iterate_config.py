@@ -151,7 +151,7 @@ def test_shipped_iterate_configs_build(path):
 
 def test_one_driver_per_run_folder(tmp_path):
     held = iterate.hold_run_lock(tmp_path / "run")
-    with pytest.raises(ConfigError, match="in use by another data_prep.iterate run"):
+    with pytest.raises(iterate.StageError, match="in use by another data_prep.iterate run"):
         iterate.hold_run_lock(tmp_path / "run")
     held.close()  # what the end of the first process does
     iterate.hold_run_lock(tmp_path / "run").close()
