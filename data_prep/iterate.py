@@ -338,7 +338,7 @@ def hold_run_lock(out: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise ConfigError(
+        raise StageError(
             f"{out} is in use by another data_prep.iterate run; wait for it or stop it"
         ) from None
     return handle
