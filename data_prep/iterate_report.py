@@ -143,10 +143,16 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def short_name(run: Path) -> str:
+    """seed-0 for runs/demo/seed-0/iterate, else the folder's name."""
+    run = run.resolve()
+    return run.parent.name if run.name == "iterate" else run.name
+
+
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """report.md and reward_by_round.png in `out` (default: the one run's folder)."""
     out = Path(out or run_dirs[0])
-    runs = {str(d): read_rounds(Path(d)) for d in run_dirs}
+    runs = {short_name(Path(d)): read_rounds(Path(d)) for d in run_dirs}
     runs = {k: v for k, v in runs.items() if v}
     lines = ["# Iterative RainbowPO report", ""]
     if len(runs) > 1:
