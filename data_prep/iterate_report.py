@@ -159,7 +159,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         lines += seeds_table(runs) + [""]
     for name, rounds in runs.items():
         lines += [f"## {name}", "", *run_table(rounds), ""]
-    lines += ["![reward by round](reward_by_round.png)", ""]
+    lines += ["Row r: held-out rewards and greedy answer lengths of policy r (round 0: the initial model); pairs, "
+              "candidate spread and candidate lengths of round r's data, sampled from policy r−1; train lengths: "
+              "mean chosen / rejected response tokens over round r's steps.", "",
+              "![reward by round](reward_by_round.png)", ""]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines))
     if runs:
