@@ -3,7 +3,12 @@ round 2's generation, a resume that repeats nothing of round 1, fingerprints tha
 training to the policy of the round before, and the report.
 
 The reward is the answer's length in characters (capped): a random model's samples differ in it, so every
-round selects pairs; the test is about the loop's bookkeeping, not about learning."""
+round selects pairs; the test is about the loop's bookkeeping, not about learning.
+
+Wall time measured on the shared 2-core machine under heavy load (load average 7–23): 266 s, 360 s and
+409 s. Most of it is waiting: each training launch JIT-loads DeepSpeed's CPU comm op, and with several
+checkouts sharing ~/.cache/torch_extensions it was recompiled (~2 min per compile under that load); the
+test's own CPU time is about a minute."""
 
 from __future__ import annotations
 
