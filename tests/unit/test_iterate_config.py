@@ -155,3 +155,26 @@ def test_one_driver_per_run_folder(tmp_path):
         iterate.hold_run_lock(tmp_path / "run")
     held.close()  # what the end of the first process does
     iterate.hold_run_lock(tmp_path / "run").close()
+
+
+def test_report_over_seeds_hand_computed(tmp_path):
+    """Two runs, greedy rewards 0.8 and 0.9 in round 1: mean 0.850, sd sqrt(0.005) = 0.071."""
+    from data_prep.iterate_report import write_report
+
+    for seed, reward in ((0, 0.8), (1, 0.9)):
+        for r in (0, 1):
+            folder = tmp_path / f"seed-{seed}" / "iterate" / f"round-{r}"
+            folder.mkdir(parents=True)
+            ev = {"greedy": {"mean_reward": reward if r else 0.5, "ci95": [0.4, 0.95], "solve_rate": 0.5,
+                             "prompts": 10, "mean_tokens": 6.0}}  # fmt: skip
+            (folder / "summary.json").write_text(json.dumps({"round": r, "policy_fingerprint": f"fp{seed}{r}",
+                                                             "eval": ev, **({"pairs": 10 + seed} if r else {})}))  # fmt: skip
+    report = write_report([tmp_path / "seed-0" / "iterate", tmp_path / "seed-1" / "iterate"], tmp_path)
+    text = report.read_text()
+    assert "| 1 | 0.850 ± 0.071 | – | 10.500 ± 0.707 | 6.000 ± 0.000 |" in text
+    assert (
+        "| 0 | 0.500 ± 0.000 |" in text
+        and "## seed-1" in text
+        and "| 1 | `fp11` | 0.900 [0.400, 0.950] |" in text
+    )
+    assert (tmp_path / "reward_by_round.png").read_bytes()[:4] == b"\x89PNG"
