@@ -103,12 +103,13 @@ def seeds_table(runs: dict[str, list[dict]]) -> list[str]:
     for i in range(n_rounds):
         rows = [r[i] for r in runs.values()]
         cells = []
-        for get in (lambda s: s["eval"].get("greedy", {}).get("mean_reward"),
-                    lambda s: s["eval"].get("sampled", {}).get("mean_reward"),
-                    lambda s: s.get("pairs"), lambda s: s["eval"].get("greedy", {}).get("mean_tokens")):  # fmt: skip
+        for get, digits in ((lambda s: s["eval"].get("greedy", {}).get("mean_reward"), 3),
+                            (lambda s: s["eval"].get("sampled", {}).get("mean_reward"), 3),
+                            (lambda s: s.get("pairs"), 1),
+                            (lambda s: s["eval"].get("greedy", {}).get("mean_tokens"), 2)):  # fmt: skip
             vals = [v for v in map(get, rows) if v is not None]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.fmean(vals):.3f} ± {sd:.3f}" if vals else "–")
+            cells.append(f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f}" if vals else "–")
         lines.append(f"| {rows[0]['round']} | " + " | ".join(cells) + " |")
     return lines
 

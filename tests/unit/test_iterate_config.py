@@ -171,7 +171,7 @@ def test_report_over_seeds_hand_computed(tmp_path):
                                                              "eval": ev, **({"pairs": 10 + seed} if r else {})}))  # fmt: skip
     report = write_report([tmp_path / "seed-0" / "iterate", tmp_path / "seed-1" / "iterate"], tmp_path)
     text = report.read_text()
-    assert "| 1 | 0.850 ± 0.071 | – | 10.500 ± 0.707 | 6.000 ± 0.000 |" in text
+    assert "| 1 | 0.850 ± 0.071 | – | 10.5 ± 0.7 | 6.00 ± 0.00 |" in text
     assert (
         "| 0 | 0.500 ± 0.000 |" in text
         and "## seed-1" in text
