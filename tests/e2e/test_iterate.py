@@ -5,8 +5,8 @@ training to the policy of the round before, and the report.
 The reward is the answer's length in characters (capped): a random model's samples differ in it, so every
 round selects pairs; the test is about the loop's bookkeeping, not about learning.
 
-Wall time measured on the shared 2-core machine under heavy load (load average 7–23): 266 s, 360 s and
-409 s. Most of it is waiting: each training launch JIT-loads DeepSpeed's CPU comm op, and with several
+Wall time measured on the shared 2-core machine: 121 s at load average ~2–6; 266 s, 360 s and 409 s
+under heavy load (load average 7–23). Most of it is waiting: each training launch JIT-loads DeepSpeed's CPU comm op, and with several
 checkouts sharing ~/.cache/torch_extensions it was recompiled (~2 min per compile under that load); the
 test's own CPU time is about a minute."""
 
