@@ -1,7 +1,8 @@
 """Metrics: metrics.jsonl (rank 0), optional TensorBoard / W&B, tqdm progress bar, throughput.
 
 One record per logged optimizer step with the SPEC §3 keys: loss, rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, phi/mean, lr, grad_norm,
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, phi/mean, lengths/chosen,
+lengths/rejected (mean response tokens), lr, grad_norm,
 tokens_per_second, epoch, step.
 """
 

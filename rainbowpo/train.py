@@ -46,6 +46,8 @@ METRIC_KEYS = (
     "logps/chosen",
     "logps/rejected",
     "phi/mean",
+    "lengths/chosen",  # mean response tokens (EOS included): length exploitation shows here first
+    "lengths/rejected",
 )
 
 
@@ -367,7 +369,7 @@ def compute_losses(run: Run, batch, train: bool, split: str = "train") -> tuple[
     )
     margins = out.chosen_rewards - out.rejected_rewards
     values = [out.losses.detach(), out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).to(margins.dtype),
-              logp[0::2].detach(), logp[1::2].detach(), out.phi]  # fmt: skip
+              logp[0::2].detach(), logp[1::2].detach(), out.phi, n[0::2], n[1::2]]  # fmt: skip
     return out.losses, torch.stack([v.double().sum() for v in values])
 
 
