@@ -63,14 +63,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--procs", type=int, default=1, help="generation processes on this machine, each on its own GPU(s)"
     )
-    p.add_argument("--reward", default=None)
-    p.add_argument("--reward-model", default=None)
     p.add_argument("--method", choices=select.METHODS, default="rso")
     p.add_argument("--pairing", choices=select.PAIRINGS, default="first_round")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--beta-rso", type=float, default=0.5)
     p.add_argument("--min-gap", type=float, default=0.0)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    score.add_scoring_args(p)  # --reward / --reward-model + the reward model's flags, and the shared --dtype
     generate.add_sampling_args(p)
     return p
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             run_generation(args, os.path.join(args.out, "candidates"))
     except ValueError as exc:
         raise SystemExit(f"pipeline: error: {exc}") from None
-    scorer = scorer or score.make_scorer(args.reward, args.reward_model)
+    scorer = scorer or score.scorer_from_args(args)
     score.score(os.path.join(args.out, "candidates"), os.path.join(args.out, "scored"), scorer)
     pairs = os.path.join(args.out, "pairs.jsonl")
     summary = select.select(os.path.join(args.out, "scored"), pairs, args.method, args.k, args.beta_rso,

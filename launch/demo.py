@@ -5,6 +5,7 @@
     bash launch/demo.sh --lora               # also the RainbowPO stage with a LoRA adapter (rainbowpo_lora)
     bash launch/demo.sh --seeds 3            # seeds 0, 1, 2: mean ± sd in the report
     bash launch/demo.sh --fresh              # recompute every stage
+    bash launch/demo.sh --rounds 2 --seeds 3 # iterative RainbowPO: 2 rounds of sample → RSO → train per seed
 
 Stages, per seed, under runs/demo/seed-S/:
   1. data      sort-task prompts (SFT / prep / held-out splits), imperfect demonstrations, a sentencepiece
@@ -14,7 +15,9 @@ Stages, per seed, under runs/demo/seed-S/:
   4. <method>  `deepspeed ... rainbowpo.train configs/demo/<method>.yaml ...` (ZeRO-3, reference online
                with CPU offload; reference-free for simpo)
   5. eval      `python -m data_prep.evaluate` on held-out prompts: greedy and sampled (T=1, 4 answers)
-then runs/demo/report.md and PNG plots (launch/demo_report.py). Each stage runs the project's real entry
+then runs/demo/report.md and PNG plots (launch/demo_report.py). With --rounds R, stages 3–5 are instead R rounds
+of `python -m data_prep.iterate` (configs/iterate/demo.yaml; round r samples from policy r−1) under
+seed-S/iterate/, and the report is runs/demo/iterate/report.md (data_prep/iterate_report.py). Each stage runs the project's real entry
 point in a subprocess and leaves a stamp holding its command: a re-run skips stages whose command is
 unchanged, unless --fresh.
 """
@@ -128,6 +131,7 @@ SHOWN = (
     "select [",
     "Error",
     "config error",
+    "[iterate]",
 )
 
 
@@ -208,6 +212,43 @@ def run_seed(seed: int, methods: list[str], sizes: Sizes, out: Path, fresh: bool
     evaluate_all(stages, work, ["sft", *methods], data / "heldout.jsonl", sizes)
 
 
+def run_iterate(seed: int, rounds: int, sizes: Sizes, out: Path, fresh: bool) -> Path:
+    """Data and SFT as above, then `python -m data_prep.iterate` (configs/iterate/demo.yaml, this seed's
+    paths); the driver resumes by itself, so a re-run continues or skips its rounds."""
+    import yaml
+
+    work = out / f"seed-{seed}"
+    data, sft = work / "data", work / "sft"
+    stages = Stages(work, fresh)
+    data_stamp = ["make_data", seed, sizes.sft_rows, sizes.prep_prompts, sizes.heldout_prompts, sizes.hidden,
+                  sizes.layers]  # fmt: skip
+    if not stages.done(data, data_stamp):
+        make_data(data, seed, sizes)
+        stages.stamp(data, data_stamp)
+    stages.run(sft, train_cmd("configs/demo/sft.yaml", {
+        "model.path": data / "base", "data.train": data / "sft.jsonl", "output.dir": sft,
+        "train.epochs": sizes.sft_epochs, "train.seed": seed}))  # fmt: skip
+    cfg = yaml.safe_load((ROOT / "configs/iterate/demo.yaml").read_text())
+    cfg["model"]["path"] = str(sft / "final")
+    cfg["prep"].update(prompts=str(data / "prep.jsonl"), seed=seed, n=sizes.candidates)
+    cfg["train"]["overrides"].update({"train.seed": seed, "train.epochs": sizes.po_epochs})
+    cfg["eval"].update(prompts=str(data / "heldout.jsonl"), samples=sizes.eval_samples)
+    cfg["output"]["dir"] = str(work / "iterate")
+    if stages.rerun and (work / "iterate").exists():  # SFT (or --fresh) ran again: the old rounds are stale
+        shutil.rmtree(work / "iterate")
+    config = work / "iterate.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "data_prep.iterate", str(config), "--rounds", str(rounds)]
+    print(f"[demo] iterate: {' '.join(cmd)}\n[demo]   log: {work / 'iterate.log'}", flush=True)
+    with open(work / "iterate.log", "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        relay(proc.stdout, log)
+    if proc.wait() != 0:
+        sys.exit(f"[demo] iterate failed (exit {proc.returncode}); the end of {work / 'iterate.log'}:\n"
+                 f"{_tail(work / 'iterate.log')}")  # fmt: skip
+    return work / "iterate"
+
+
 def evaluate_all(stages: Stages, work: Path, models: list[str], prompts: Path, sizes: Sizes) -> None:
     """Greedy and sampled evaluation of every model, two processes at a time (one per core)."""
     sampled = ["--temperature", "1.0", "--n", str(sizes.eval_samples)]
@@ -238,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", action="store_true", help="also RainbowPO with a LoRA adapter (rainbowpo_lora)")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="iterative RainbowPO: R rounds per seed (data_prep.iterate)"
+    )
     args = p.parse_args(argv)
     compare = [m for m in args.compare.split(",") if m]
     unknown = [m for m in compare if m not in ("dpo", "simpo")]
@@ -246,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     methods = ["rainbowpo", *compare, *(["rainbowpo_lora"] if args.lora else [])]
     out = (ROOT / args.out).resolve()
     seeds = list(range(args.seed, args.seed + args.seeds))
+    if args.rounds:
+        from data_prep.iterate_report import write_report as write_iterate_report
+
+        runs = [run_iterate(seed, args.rounds, SIZES[args.size], out, args.fresh) for seed in seeds]
+        print(f"[demo] report: {write_iterate_report(runs, out / 'iterate')}")
+        return
     for seed in seeds:
         run_seed(seed, methods, SIZES[args.size], out, args.fresh)
     from demo_report import write_report

@@ -231,6 +231,12 @@ class TrainSection:
     retain_host_memory: bool = True
     """CPU training on glibc: keep freed memory in the process for reuse instead of handing it back to the
     OS, so large tensors are not page-faulted in anew every step (~10 % faster here; RSS does not shrink)."""
+    dist_timeout_minutes: float = 60.0
+    """Collective timeout: a rank that dies or hangs makes the others stop after this long, naming it. Must
+    exceed the longest single-rank pause (rank 0 writing the final export, a checkpoint conversion)."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router load-balancing loss added to the objective
+    (None: the model config's own `router_aux_loss_coef`; 0: off). Ignored for dense models."""
 
     def __post_init__(self) -> None:
         for key in ("global_batch_pairs", "micro_batch_pairs", "epochs", "logprob_chunk"):
@@ -240,6 +246,18 @@ class TrainSection:
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
+        _require(
+            self.dist_timeout_minutes > 0,
+            "train.dist_timeout_minutes",
+            "must be > 0",
+            self.dist_timeout_minutes,
+        )
+        _require(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "train.router_aux_loss_coef",
+            "must be >= 0 or null",
+            self.router_aux_loss_coef,
+        )
         _require(
             self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0", self.micro_batch_tokens
         )
@@ -273,12 +291,15 @@ class OutputConfig:
     """auto: continue from the newest complete checkpoint; never; or a checkpoint path."""
     export: bool = True
     """Write a Hugging Face model folder to <dir>/final at the end."""
+    export_every: int = 0
+    """Also write a Hugging Face folder <dir>/exports/step-N every N optimizer steps (0 = none)."""
     checkpoints: bool = True
     """Write resumable checkpoints (false: none at all, e.g. for benchmarks; a killed run is then lost)."""
 
     def __post_init__(self) -> None:
         _require(self.keep_last >= 1, "output.keep_last", "must be >= 1", self.keep_last)
         _require(self.save_every >= 0, "output.save_every", "must be >= 0", self.save_every)
+        _require(self.export_every >= 0, "output.export_every", "must be >= 0", self.export_every)
 
 
 @dataclass(frozen=True)
@@ -495,3 +516,22 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+def read_tree(path: str, overrides: list[str] = ()) -> dict:
+    """A YAML mapping (duplicate keys rejected) plus `a.b=value` overrides, not yet validated — for other
+    typed trees (data_prep.iterate) that want this module's error style; pass the result to `build`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.load(f, Loader=_StrictLoader) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return raw

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -24,7 +27,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from rainbowpo import lora
 from rainbowpo.config import Config, ConfigError, TrainSection
-from rainbowpo.logprobs import SequenceScorer
+from rainbowpo.logprobs import SequenceScorer, router_aux_coef
 
 DS_PRESETS = Path(__file__).resolve().parent.parent / "ds_configs"
 MANAGED_KEYS = (
@@ -55,15 +58,29 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group (gloo on CPU, nccl on GPU); a lone `python -m` run becomes a world of 1."""
+class RankLostError(RuntimeError):
+    """A peer rank died or stopped responding; the message names it."""
+
+
+_MONITOR: dict = {}  # the gloo side group for monitored barriers and its timeout
+
+
+def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
+    """Join the process group (gloo on CPU, nccl on GPU); a lone `python -m` run becomes a world of 1.
+
+    `timeout_minutes` (train.dist_timeout_minutes) bounds every collective, so a dead rank stops the others
+    instead of leaving them waiting; a gloo side group serves `barrier()`, which names a missing rank."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    timeout = timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    if torch.distributed.get_world_size() > 1:
+        group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo", timeout=timeout)
+        _MONITOR.update(group=group, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
@@ -100,8 +117,66 @@ def all_gather_objects(obj) -> list:
 
 
 def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+    """All ranks meet here; a rank that does not arrive within train.dist_timeout_minutes is named
+    (RankLostError on every rank that notices)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return
+    try:
+        torch.distributed.monitored_barrier(
+            group=_MONITOR.get("group"), timeout=_MONITOR.get("timeout"), wait_all_ranks=True
+        )
+    except RuntimeError as exc:
+        raise RankLostError(lost_ranks_message(str(exc))) from None
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer went away (gloo/NCCL connection errors and timeouts)."""
+    text = str(exc)
+    return isinstance(exc, RankLostError) or bool(
+        re.search(
+            r"(?i)gloo|nccl|connection (closed|reset|refused)|broken pipe|timed out|monitoredBarrier", text
+        )
+    )
+
+
+def diagnose_lost_ranks(exc: BaseException) -> RankLostError:
+    """After a failed collective: every survivor checks in at the rendezvous store (hosted by rank 0) and
+    waits up to min(timeout / 2, 60 s) for the others; the ranks that never check in are named."""
+    if isinstance(exc, RankLostError):
+        return exc
+    me, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    window = min(_MONITOR.get("timeout", timedelta(minutes=2)).total_seconds() / 2, 60.0)
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(f"rainbowpo/alive/{me}", "1")
+        deadline = time.monotonic() + window
+        while True:
+            missing = [r for r in range(world) if not store.check([f"rainbowpo/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
+        missing = None
+    return RankLostError(lost_ranks_message(str(exc), missing))
+
+
+def lost_ranks_message(text: str, missing: list[int] | None = None) -> str:
+    """One line naming the lost rank(s): from `missing`, or a monitored barrier's error text."""
+    me = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier", text)
+    if missing is None and found:
+        missing = sorted({int(r) for r in re.findall(r"\d+", found.group(1))})
+    if missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+    elif missing is None and me != 0:
+        who = "rank 0 (it hosts the rendezvous store) or the link to it"
+    else:
+        who = "no rank is missing, yet a collective"
+    first = text.strip().splitlines()[0][:160] if text.strip() else "no detail"
+    return (
+        f"{who} stopped responding (died or hung), seen by rank {me} [{first}]; this rank stops. "
+        "Restart the job; output.resume: auto continues from the last complete checkpoint"
+    )
 
 
 # ----------------------------------------------------------------------------- ds config
@@ -207,7 +282,24 @@ def load_causal_lm(path: str, cfg: Config, ds_config: dict, attn_implementation:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {path!r}: {str(exc).splitlines()[0]}") from None
     model.config.use_cache = False
+    if zero_stage(ds_config) == 3:
+        mark_moe_leaves(model)
     return model, hf_ds
+
+
+def moe_block_classes(model) -> list[type]:
+    """Sparse mixture-of-experts blocks (Mixtral/Qwen2-MoE/… `*SparseMoeBlock`, `*MoeBlock`, `*MoE`)."""
+    names = ("SparseMoeBlock", "MoeBlock", "SparseMoE", "MoE")
+    return sorted({type(m) for m in model.modules() if type(m).__name__.endswith(names)}, key=str)
+
+
+def mark_moe_leaves(model) -> list[type]:
+    """ZeRO-3: gather a MoE block's experts together when the block is entered (not per expert): a rank
+    whose tokens skip an expert would otherwise wait for a gather the other ranks never request."""
+    classes = moe_block_classes(model)
+    if classes:
+        deepspeed.utils.set_z3_leaf_modules(model, classes)
+    return classes
 
 
 def _adamw(params, t: TrainSection) -> torch.optim.AdamW:
@@ -244,10 +336,21 @@ class PolicyEngine:
         self.adapter_only = adapter_only  # LoRA: checkpoints hold the adapter and its optimizer state only
 
     @classmethod
-    def build(cls, cfg: Config, dist: DistInfo, grad_accum: int, total_steps: int, attn_implementation: str):
+    def build(
+        cls,
+        cfg: Config,
+        dist: DistInfo,
+        grad_accum: int,
+        total_steps: int,
+        attn_implementation: str,
+        load_universal: bool = False,
+    ):
+        """`load_universal`: the resume checkpoint is a converted universal one (another world size)."""
         ds_config = assemble_ds_config(
             load_ds_preset(cfg.deepspeed.config), cfg.train, cfg.model.dtype, dist.world_size, grad_accum
         )
+        if load_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         if cfg.train.on_nan == "skip_step" and zero_stage(ds_config) == 0:
             raise ConfigError(
                 "train.on_nan: skip_step needs ZeRO stage >= 1 (DeepSpeed discards the bad step)"
@@ -255,9 +358,10 @@ class PolicyEngine:
         model, hf_ds = load_causal_lm(cfg.model.path, cfg, ds_config, attn_implementation)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        aux_coef = router_aux_coef(model, cfg.train.router_aux_loss_coef)  # MoE only
         if cfg.model.uses_lora():
             model = lora.wrap(model, cfg)
-        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb)
+        scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb, aux_coef)
         t = cfg.train
         optimizer = _adamw((p for p in scorer.parameters() if p.requires_grad), t)  # LoRA: the adapter only
 
@@ -326,6 +430,29 @@ class PolicyEngine:
 
     def partitioned_numel(self) -> int:
         return partitioned_numel(self.engine.module)
+
+    def param_checksum(self) -> list[float]:
+        """[Σw, Σw²] over all weights in float64: equal on every rank and for every world size (ZeRO-3 sums
+        each rank's partition, padding excluded, then all-reduces). A collective under ZeRO-3."""
+        sharded = zero_stage(self.ds_config) == 3
+        rank = torch.distributed.get_rank() if sharded else 0
+        total = None
+        for p in self.engine.module.parameters():
+            if sharded:
+                part = p.ds_tensor.detach().reshape(-1)
+                start = rank * part.numel()
+                t = part[: max(0, min(part.numel(), p.ds_numel - start))]
+            else:
+                t = p.detach().reshape(-1)
+            if total is None:
+                total = torch.zeros(2, dtype=torch.float64, device=t.device)
+            for chunk in t.split(1 << 24):  # float64 copies of at most 128 MB, on the parameter's device
+                c = chunk.double()
+                total += torch.stack([c.sum(), c.square().sum()])
+        total = total if total is not None else torch.zeros(2, dtype=torch.float64)
+        if sharded:
+            total = all_reduce_sum(total.to(self.engine.device))  # NCCL needs it on the GPU
+        return total.cpu().tolist()
 
     # --------------------------------------------------------------- checkpoints and export
 

@@ -8,9 +8,18 @@ LM head. When their logits would exceed `keep_logits_mb` (positions × vocab × 
 chunks recomputed in backward, so no [tokens, vocab] tensor is kept for the batch; below it the logits
 stay in memory and nothing is recomputed.
 The head is called as a module (never by reading `.weight`): under ZeRO-3 its hooks gather the weight.
+What the model's own forward does to the logits after its LM head is applied too (`logit_transform`:
+Cohere `logit_scale`, Granite `logits_scaling`, Gemma-2/3 `final_logit_softcapping`); `check_head` compares
+the result with `log_softmax(model(...).logits)` once before training, so a new architecture that transforms
+its logits in another way stops the run instead of training on the wrong distribution.
+
+Mixture-of-experts models: with `aux_coef > 0` the body also returns its router logits and the model's own
+load-balancing loss is kept in `scorer.aux_loss` for the trainer to add.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -24,10 +33,25 @@ def vocab_size(model) -> int:
     return int(getattr(head, "out_features", None) or model.config.vocab_size)
 
 
-def _token_stats(
-    head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, with_entropy: bool
-):
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that the model's own `*ForCausalLM.forward` applies after `lm_head`:
+    logits · scale, then tanh(logits / cap) · cap. Cohere multiplies by `logit_scale`, Granite divides by
+    `logits_scaling`, Gemma-2/3 soft-cap with `final_logit_softcapping` (text config for multimodal ones)."""
+    config = getattr(config, "text_config", None) or config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None and str(config.model_type).startswith("cohere"):
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
+def _token_stats(head, hidden: torch.Tensor, targets: torch.Tensor, transform: tuple, with_entropy: bool):
+    scale, softcap = transform
     logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     logprobs = torch.log_softmax(logits, dim=-1)  # its fused backward beats logsumexp's by ~20 % on CPU
@@ -39,23 +63,29 @@ def _token_stats(
 
 
 class SequenceScorer(torch.nn.Module):
-    def __init__(self, model, chunk_size: int = 1024, keep_logits_mb: float = 512):
+    def __init__(self, model, chunk_size: int = 1024, keep_logits_mb: float = 512, aux_coef: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk_size, self.keep_logits_mb = chunk_size, keep_logits_mb
+        self.aux_coef = aux_coef if is_moe(model) else 0.0
+        self.aux_loss: torch.Tensor | None = None  # the last forward's router load-balancing loss (MoE)
 
     def forward(self, batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         body = _decoder(self.model)
         kwargs = self._model_kwargs(batch)
+        if self.aux_coef > 0 and torch.is_grad_enabled():
+            kwargs["output_router_logits"] = True
         if body is None:  # no reachable body: full logits (every position), then pick the response ones
-            logits = self.model(**kwargs).logits
+            out = self.model(**kwargs)
+            logits = out.logits
             flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
-            head = torch.nn.Identity()
+            head, transform = torch.nn.Identity(), (1.0, None)  # the model applied its own transform
         else:
-            hidden = body(**kwargs).last_hidden_state
+            out = body(**kwargs)
+            hidden = out.last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
-            head = self.model.get_output_embeddings()
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+            head, transform = self.model.get_output_embeddings(), logit_transform(self.model.config)
+        self.aux_loss = self._router_loss(out, batch) if "output_router_logits" in kwargs else None
         logits_mb = flat.shape[0] * vocab_size(self.model) * 4 / 2**20
         recompute = torch.is_grad_enabled() and logits_mb > self.keep_logits_mb
         chunk = self.chunk_size if recompute or not torch.is_grad_enabled() else max(1, flat.shape[0])
@@ -63,9 +93,9 @@ class SequenceScorer(torch.nn.Module):
         for start in range(0, flat.shape[0], chunk):
             h, t = flat[start : start + chunk], batch.target_ids[start : start + chunk]
             if recompute:
-                lp, ent = checkpoint(_token_stats, head, h, t, softcap, with_entropy, use_reentrant=False)
+                lp, ent = checkpoint(_token_stats, head, h, t, transform, with_entropy, use_reentrant=False)
             else:
-                lp, ent = _token_stats(head, h, t, softcap, with_entropy)
+                lp, ent = _token_stats(head, h, t, transform, with_entropy)
             logps.append(lp)
             entropies.append(ent)
         seq = batch.target_seq
@@ -73,6 +103,17 @@ class SequenceScorer(torch.nn.Module):
         logp = zeros.index_add(0, seq, torch.cat(logps)) if logps else zeros
         entropy = zeros.index_add(0, seq, torch.cat(entropies)).detach() if with_entropy and logps else None
         return logp, entropy
+
+    def _router_loss(self, out, batch) -> torch.Tensor | None:
+        """The model's own `load_balancing_loss_func` over this forward's router logits (as its forward does)."""
+        logits = getattr(out, "router_logits", None)
+        loss_fn = getattr(sys.modules[type(self.model).__module__], "load_balancing_loss_func", None)
+        if not logits or loss_fn is None:
+            return None
+        cfg = self.model.config
+        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+        mask = batch.attention_mask if batch.segments is None else None
+        return loss_fn(logits, experts, cfg.num_experts_per_tok, mask)
 
     def _model_kwargs(self, batch) -> dict:
         kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
@@ -95,3 +136,40 @@ def _decoder(model):
     if body is None or body is model or model.get_output_embeddings() is None:
         return None
     return body
+
+
+def is_moe(model) -> bool:
+    """A sparse mixture-of-experts causal LM (its config counts experts per token)."""
+    return getattr(model.config, "num_experts_per_tok", None) is not None
+
+
+def router_aux_coef(model, configured: float | None) -> float:
+    """train.router_aux_loss_coef, or the model config's own `router_aux_loss_coef`; 0 for dense models."""
+    if not is_moe(model):
+        return 0.0
+    return float(configured if configured is not None else getattr(model.config, "router_aux_loss_coef", 0.0))
+
+
+@torch.no_grad()
+def check_head(scorer: SequenceScorer, batch, atol: float | None = None) -> float:
+    """Fast-path log-probs vs log_softmax of the model's own `forward(...).logits` on `batch`; returns the
+    largest mean difference per response token, raises ValueError naming the model when it exceeds `atol`
+    (default 1e-3 for fp32 weights; 0.1 for 16-bit ones, whose own forward rounds the transformed logits)."""
+    model = scorer.model
+    if atol is None:
+        atol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    fast, _ = scorer(batch)
+    logits = model(**scorer._model_kwargs(batch)).logits.float()
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
+    per_token = torch.log_softmax(flat, -1).gather(-1, batch.target_ids[:, None]).squeeze(-1)
+    own = torch.zeros_like(fast).index_add(0, batch.target_seq, per_token)
+    tokens = torch.zeros_like(fast).index_add(0, batch.target_seq, torch.ones_like(per_token)).clamp(min=1)
+    worst = float(((fast - own).abs() / tokens).max()) if fast.numel() else 0.0
+    if not worst <= atol:
+        raise ValueError(
+            f"log-probs of the fast LM-head path differ from {type(model).__name__}'s own logits by {worst:.3g} "
+            f"per token (> {atol}): this architecture transforms its logits after the LM head in a way "
+            "rainbowpo.logprobs.logit_transform does not know. Add it there (see the model's forward) before "
+            "training"
+        )
+    return worst

@@ -1,7 +1,8 @@
 """Metrics: metrics.jsonl (rank 0), optional TensorBoard / W&B, tqdm progress bar, throughput.
 
 One record per logged optimizer step with the SPEC §3 keys: loss, rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, phi/mean, lr, grad_norm,
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, phi/mean, lengths/chosen,
+lengths/rejected (mean response tokens), lr, grad_norm,
 tokens_per_second, epoch, step.
 """
 
@@ -18,10 +19,25 @@ from rainbowpo.config import LoggingConfig
 
 
 class MetricsLogger:
-    def __init__(self, cfg: LoggingConfig, out_dir: str, is_main: bool, total_steps: int, start_step: int):
+    """metrics.jsonl + optional TensorBoard/W&B on rank 0.
+
+    W&B gets the resolved config; `wandb_id` (saved in each checkpoint) makes a resumed run continue the same
+    W&B run instead of starting a new one."""
+
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        out_dir: str,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        run_config: dict | None = None,
+        wandb_id: str | None = None,
+    ):
         self.cfg, self.is_main = cfg, is_main
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = self.wandb = self.bar = None
+        self.wandb_id: str | None = None
         if not is_main:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -33,7 +49,10 @@ class MetricsLogger:
         if cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=out_dir, resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, dir=out_dir, id=wandb_id, resume="allow", config=run_config
+            )
+            self.wandb_id = self.wandb.id
         if cfg.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 

@@ -79,8 +79,13 @@ def build_tiny_model(
     heads: int = 4,
     kv_heads: int = 2,
     seed: int = 0,
+    **extra,
 ):
-    """A randomly initialized causal LM (`llama`, `qwen2` or `mistral`) sized for CPU tests; saved if out_dir."""
+    """A randomly initialized causal LM sized for CPU tests; saved if out_dir.
+
+    `arch` is any transformers model type (llama, qwen2, mistral, gemma2, cohere, granite, qwen2_moe,
+    mixtral, …); `extra` config keys are passed through, e.g. a tiny MoE:
+    build_tiny_model(tok, arch="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)"""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,6 +102,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

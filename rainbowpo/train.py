@@ -33,7 +33,7 @@ from rainbowpo.data.collate import collate
 from rainbowpo.data.sampler import StepPlanner, token_budget_grad_accum
 from rainbowpo.data.tokenize import load_examples
 from rainbowpo.host import retain_freed_memory
-from rainbowpo.logprobs import vocab_size
+from rainbowpo.logprobs import check_head, vocab_size
 from rainbowpo.metrics import MetricsLogger, Throughput
 from rainbowpo.objective import preference_loss
 from rainbowpo.reference import build_reference
@@ -47,6 +47,8 @@ METRIC_KEYS = (
     "logps/chosen",
     "logps/rejected",
     "phi/mean",
+    "lengths/chosen",  # mean response tokens (EOS included): length exploitation shows here first
+    "lengths/rejected",
 )
 
 
@@ -54,7 +56,7 @@ class NonFiniteLossError(RuntimeError):
     """A non-finite loss or gradient with train.on_nan: stop."""
 
 
-USER_ERRORS = (ValueError, NonFiniteLossError, ckpt.CheckpointError)  # printed as one line by main()
+USER_ERRORS = (ValueError, NonFiniteLossError, ckpt.CheckpointError, ds.RankLostError)  # one line by main()
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Run:
     timings: dict = field(default_factory=dict)  # seconds: data_s, policy_s, reference_s
     logger: MetricsLogger | None = None
     state: dict = field(default_factory=lambda: {"step": 0})
+    resume: ckpt.Resume | None = None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -113,6 +116,10 @@ def train(cfg: Config) -> dict:
     run = setup(cfg)
     try:
         return loop(run)
+    except RuntimeError as exc:  # a peer that died surfaces as a gloo/NCCL error in some collective
+        if run.dist.world_size > 1 and ds.is_comm_failure(exc):
+            raise ds.diagnose_lost_ranks(exc) from None
+        raise
     finally:
         if run.logger:
             run.logger.close()
@@ -137,7 +144,7 @@ def resolve_defaults(cfg: Config) -> Config:
 def setup(cfg: Config) -> Run:
     cfg = resolve_defaults(cfg)
     lora.check_runtime(cfg, ds.zero_stage(ds.load_ds_preset(cfg.deepspeed.config)))  # QLoRA: before any load
-    dist = ds.init_distributed()
+    dist = ds.init_distributed(cfg.train.dist_timeout_minutes)
     seed_everything(cfg.train.seed)
     torch.set_flush_denormal(True)  # saturated losses on CPU otherwise crawl through denormal GEMMs
     if dist.device.type == "cpu" and cfg.train.retain_host_memory:
@@ -168,8 +175,13 @@ def setup(cfg: Config) -> Run:
         cfg.model.attn_implementation, cfg.data.packing, cfg.data.share_prompt, cfg.model.dtype
     )
     objective = cfg.objective.build() if mode == "preference" else None
+    resume = ckpt.plan_resume(cfg.output.resume, os.path.join(cfg.output.dir, "checkpoints"), dist.world_size)
+    if resume and resume.universal:
+        ckpt.prepare_universal(resume, dist.is_main)
     clock = time.perf_counter()
-    policy = ds.PolicyEngine.build(cfg, dist, grad_accum, total_steps, attn)
+    policy = ds.PolicyEngine.build(
+        cfg, dist, grad_accum, total_steps, attn, load_universal=bool(resume and resume.universal)
+    )
     timings["policy_s"], clock = time.perf_counter() - clock, time.perf_counter()
     reference = build_reference(
         cfg,
@@ -184,7 +196,7 @@ def setup(cfg: Config) -> Run:
     )
     timings["reference_s"] = time.perf_counter() - clock
     run = Run(cfg, dist, tokenizer, train_set, eval_set, planner, grad_accum, total_steps, policy, reference,
-              objective, vocab_size(policy.scorer.model), timings)  # fmt: skip
+              objective, vocab_size(policy.scorer.model), timings, resume=resume)  # fmt: skip
     if dist.is_main:
         print_header(run, summary, attn)
     return run
@@ -251,6 +263,10 @@ def print_header(run: Run, summary, attn: str) -> None:
             f"{run.planner.dropped_per_epoch} pairs per epoch left out (fewer than the "
             f"{dist.world_size * run.grad_accum} micro-batches of a step; a different few each epoch)"
         )
+    if run.policy.scorer.aux_coef > 0 or ds.moe_block_classes(run.policy.scorer.model):
+        leaves = [c.__name__ for c in ds.moe_block_classes(run.policy.scorer.model)]
+        print(f"mixture of experts: router aux loss coefficient {run.policy.scorer.aux_coef:g}"
+              f"{f' | ZeRO-3 leaf modules {leaves}' if ds.zero_stage(run.policy.ds_config) == 3 else ''}")  # fmt: skip
     print("setup: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run.timings.items()))
 
 
@@ -260,10 +276,12 @@ def print_header(run: Run, summary, attn: str) -> None:
 def loop(run: Run) -> dict:
     cfg, dist = run.cfg, run.dist
     root = os.path.join(cfg.output.dir, "checkpoints")
-    resume_from = ckpt.resolve_resume(cfg.output.resume, root)
-    if resume_from:
-        restore(run, resume_from)
-    run.logger = MetricsLogger(cfg.logging, cfg.output.dir, dist.is_main, run.total_steps, run.state["step"])
+    if run.resume:
+        ckpt.restore(run, run.resume)
+    run.logger = MetricsLogger(cfg.logging, cfg.output.dir, dist.is_main, run.total_steps, run.state["step"],
+                               run_config=cfg.to_dict(), wandb_id=run.state.get("wandb_id"))  # fmt: skip
+    if run.logger.wandb_id:
+        run.state["wandb_id"] = run.logger.wandb_id  # saved with each checkpoint: a resume continues the run
     if run.state["step"] == 0:
         verify_settings(run)
     last_record: dict = {}
@@ -275,7 +293,9 @@ def loop(run: Run) -> dict:
                 {**evaluate(run, run.eval_set, "eval"), "step": step, "epoch": _epoch(run, step)}, "eval/"
             )
         if cfg.output.checkpoints and _due(cfg.output.save_every, step, last_step):
-            save(run, root)
+            ckpt.save(run, root)
+        if cfg.output.export_every and not last_step and _due(cfg.output.export_every, step, False):
+            export(run, os.path.join(cfg.output.dir, "exports", ckpt.step_tag(step)))
         if last_step:
             break
         last_record = train_step(run, step)
@@ -293,10 +313,16 @@ def train_step(run: Run, step: int) -> dict:
     step_pairs = run.planner.pairs_in_step(epoch, index)
     sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=run.dist.device)  # stays on device
     clock = Throughput()
+    aux_sum = 0.0
     for indices in micro_batches:
         batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in indices]).to(run.dist.device)
         losses, metrics = compute_losses(run, batch, train=True)
-        run.policy.backward(losses.sum() * (run.dist.world_size / step_pairs))
+        loss = losses.sum() * (run.dist.world_size / step_pairs)
+        aux = run.policy.scorer.aux_loss  # MoE router load balancing; DeepSpeed averages it over ranks
+        if aux is not None:
+            loss = loss + run.policy.scorer.aux_coef * aux / len(micro_batches)
+            aux_sum += float(aux.detach()) / len(micro_batches)
+        run.policy.backward(loss)
         sums[:-1] += metrics
         sums[-1] += batch.num_tokens
     sums = ds.all_reduce_sum(sums).cpu()  # the step's one host synchronization
@@ -312,6 +338,8 @@ def train_step(run: Run, step: int) -> dict:
     if run.objective is None:  # SFT: only the loss and the completions' log-prob mean
         record = {"loss": record["loss"], "logps/completion": record["logps/chosen"]}
     record.update(lr=run.policy.lr(), grad_norm=grad_norm, tokens_per_second=clock.rate(float(sums[-1])))
+    if run.policy.scorer.aux_coef > 0:
+        record["router_aux_loss"] = aux_sum  # rank 0's micro-batches
     if skipped:
         record["skipped_nonfinite"] = 1
         if run.dist.is_main:
@@ -347,7 +375,7 @@ def compute_losses(run: Run, batch, train: bool, split: str = "train") -> tuple[
     )
     margins = out.chosen_rewards - out.rejected_rewards
     values = [out.losses.detach(), out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).to(margins.dtype),
-              logp[0::2].detach(), logp[1::2].detach(), out.phi]  # fmt: skip
+              logp[0::2].detach(), logp[1::2].detach(), out.phi, n[0::2], n[1::2]]  # fmt: skip
     return out.losses, torch.stack([v.double().sum() for v in values])
 
 
@@ -371,7 +399,15 @@ def evaluate(run: Run, examples: list, split: str, limit: int | None = None) -> 
 
 
 def verify_settings(run: Run) -> None:
-    """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours."""
+    """A one-micro-batch eval per rank before the first step: a broken setting fails in seconds, not hours.
+
+    Also `check_head`: the fast LM-head path's log-probs equal log_softmax(model(...).logits) on this
+    rank's first micro-batch (stops with ValueError when an architecture transforms its logits unknown)."""
+    first = run.planner.micro_batches(0, 0, run.dist.rank)[0]
+    batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in first]).to(run.dist.device)
+    run.policy.engine.eval()
+    check_head(run.policy.scorer, batch)
+    run.policy.engine.train()
     metrics = evaluate(run, run.train_set, "train", limit=run.dist.world_size)
     if run.dist.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies"))
@@ -403,48 +439,7 @@ def _epoch(run: Run, step: int) -> float:
     return step / run.planner.steps_per_epoch
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save(run: Run, root: str) -> None:
-    """Every rank writes into a temp folder; rank 0 adds the state and the marker last, then renames.
-
-    A failure (disk full, quota) leaves the previous complete checkpoint untouched and says so."""
-    step = run.state["step"]
-    final = os.path.join(root, ckpt.step_tag(step))
-    if os.path.isdir(final):
-        return
-    tmp = os.path.join(root, ".tmp-" + ckpt.step_tag(step))
-    try:
-        if run.dist.is_main:
-            os.makedirs(root, exist_ok=True)
-            ckpt.remove_tree(tmp)
-        ds.barrier()
-        run.policy.save(root, os.path.basename(tmp))
-        ckpt.write_rank_state(tmp, run.dist.rank)
-        ds.barrier()
-        if run.dist.is_main:
-            state = {**run.state, "world_size": run.dist.world_size, "total_steps": run.total_steps}
-            ckpt.finalize(tmp, final, state)
-            ckpt.prune(root, run.cfg.output.keep_last)
-    except OSError as exc:
-        previous = ckpt.complete_checkpoints(root)
-        raise ckpt.CheckpointError(
-            f"saving the step-{step} checkpoint failed ({exc}); "
-            + (f"{previous[-1]} is intact and output.resume: auto continues from it" if previous
-               else "there is no earlier checkpoint")
-            + "; free disk space and restart"
-        ) from None  # fmt: skip
-    ds.barrier()
-
-
-def restore(run: Run, folder: str) -> None:
-    state = ckpt.read_trainer_state(folder)
-    run.policy.load(os.path.dirname(folder), os.path.basename(folder))
-    ckpt.read_rank_state(folder, run.dist.rank)
-    run.state.update(step=int(state["step"]))
-    if run.dist.is_main:
-        print(f"resumed from {folder} at step {run.state['step']} / {run.total_steps}")
+# ----------------------------------------------------------------------------- export
 
 
 def export(run: Run, out_dir: str) -> None:

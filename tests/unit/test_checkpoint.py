@@ -1,4 +1,4 @@
-"""Atomic checkpoints without DeepSpeed: the save protocol of train.save with a stand-in policy engine.
+"""Atomic checkpoints without DeepSpeed: the save protocol of checkpoint.save with a stand-in policy engine.
 
 Disk-full is simulated by a policy writer that fails half-way (ENOSPC), and by a failing torch.save."""
 
@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 
 from rainbowpo import checkpoint as ckpt
-from rainbowpo import train
 
 
 class FakePolicy:
@@ -27,16 +26,19 @@ class FakePolicy:
             if self.fail:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
+    def param_checksum(self) -> list[float]:
+        return [1.5, 2.25]
 
-def fake_run(out, keep_last: int = 1):
-    dist = SimpleNamespace(is_main=True, rank=0, world_size=1)
+
+def fake_run(out, keep_last: int = 1, world_size: int = 1):
+    dist = SimpleNamespace(is_main=True, rank=0, world_size=world_size)
     cfg = SimpleNamespace(output=SimpleNamespace(keep_last=keep_last))
     return SimpleNamespace(state={"step": 0}, dist=dist, policy=FakePolicy(), cfg=cfg, total_steps=10)
 
 
 def save_at(run, root, step: int) -> None:
     run.state["step"] = step
-    train.save(run, str(root))
+    ckpt.save(run, str(root))
 
 
 def test_save_is_complete_and_keep_last_keeps_the_newest(tmp_path):
@@ -90,3 +92,50 @@ def test_keep_last_never_deletes_the_only_complete_checkpoint(tmp_path):
     ckpt.prune(str(root), keep_last=1)
     assert (root / "step-000003" / "COMPLETE").is_file()
     assert ckpt.resolve_resume("auto", str(root)) == str(root / "step-000003")
+
+
+def test_a_rank_whose_shards_are_elsewhere_blocks_complete(tmp_path):
+    """Two "nodes" with node-local output.dir: rank 0 sees only its own done marker, so no COMPLETE."""
+    run, root = fake_run(tmp_path, world_size=2), tmp_path / "checkpoints"
+    with pytest.raises(ckpt.CheckpointError) as info:
+        save_at(run, root, 3)
+    message = str(info.value)
+    assert "the shards of rank(s) [1] of 2 are not there" in message
+    assert "output.dir must be shared by all nodes" in message and "\n" not in message
+    assert ckpt.resolve_resume("auto", str(root)) is None
+    assert sorted(os.listdir(root / ".tmp-step-000003" / "done")) == ["rank0"]
+    (root / ".tmp-step-000003" / "done" / "rank1").write_text("ok")  # the shared filesystem case
+    assert ckpt.missing_ranks(str(root / ".tmp-step-000003"), 2) == []
+
+
+def test_state_records_world_size_and_checksum_and_plan_flags_another_world_size(tmp_path):
+    run, root = fake_run(tmp_path), tmp_path / "checkpoints"
+    save_at(run, root, 2)
+    state = ckpt.read_trainer_state(str(root / "step-000002"))
+    assert state["world_size"] == 1 and state["param_checksum"] == [1.5, 2.25]
+    assert ckpt.plan_resume("auto", str(root), world_size=1).universal is False
+    plan = ckpt.plan_resume("auto", str(root), world_size=2)
+    assert plan.universal is True and plan.folder == str(root / "step-000002")
+
+
+def test_checksum_mismatch_after_load_stops_with_the_numbers(tmp_path):
+    plan = ckpt.Resume(str(tmp_path / "step-000004"), {"step": 4, "world_size": 2, "param_checksum": [1.0, 2.0]},
+                       universal=True)  # fmt: skip
+    ckpt.verify_checksum(plan, [1.0 + 1e-9, 2.0])  # rounding of another reduction order passes
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.verify_checksum(plan, [0.5, 2.0])  # e.g. weights of a fresh start
+    message = str(info.value)
+    assert "do not match the saved ones" in message and "[1.0, 2.0]" in message and "[0.5, 2.0]" in message
+    assert "resume on 2 ranks" in message
+
+
+def test_lost_rank_messages_name_the_rank():
+    from rainbowpo.engine import is_comm_failure, lost_ranks_message
+
+    text = "[../monitored_barrier.cpp] Ranks 1, 3 failed to pass monitoredBarrier in 30000 ms"
+    assert lost_ranks_message(text).startswith("ranks 1, 3 stopped responding (died or hung), seen by rank 0")
+    message = lost_ranks_message("Connection closed by peer [10.0.0.2]:4242", missing=[1])
+    assert message.startswith("rank 1 stopped responding") and "output.resume: auto" in message
+    assert "\n" not in message
+    assert is_comm_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert not is_comm_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
