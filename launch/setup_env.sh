@@ -96,5 +96,10 @@ pip_install --no-deps -e "$ROOT"
 import deepspeed, torch, transformers
 print(f"[setup] torch {torch.__version__}  deepspeed {deepspeed.__version__}  transformers {transformers.__version__}")
 PY
+# DeepSpeed JIT-builds its CPU shared-memory collective op at the first init_distributed. Built here once, so
+# the first runs (parallel test ranks included) never race for the build lock, and a run killed mid-build
+# cannot leave a stale ~/.cache/torch_extensions/.../deepspeed_shm_comm/lock that makes every later CPU run wait.
+echo "[setup] building DeepSpeed's CPU communication op once"
+"$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 echo "$WANT" > "$STAMP"
 echo "[setup] done"
