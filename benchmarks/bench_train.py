@@ -15,6 +15,11 @@ Wall clock, like the anchors: models are loaded before the clock; tokenization a
 on it. For the cached reference the one-off cache pass is reported as cache_s and not on the wall clock
 (TRL's precompute variant counts it; ours is reused across runs). The losses of ours and TRL's must agree
 (same math, same batches): the table shows both, and --check fails the run when they differ by > 1e-3.
+
+Whole process (issue 15 part 7): every config runs in its own child; the driver waits for it with os.wait4
+and reports the child's max RSS (imports, model load, data, training: everything) and its wall seconds from
+spawn to exit. `ours-dpo-cli` is a plain `python -m rainbowpo.train` (DPO, online reference, our defaults)
+on the same settings; `trl-sigmoid-gc` is TRL's lowest-memory DPO config (gradient checkpointing on).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ OURS = {  # name → config overrides on top of common_overrides(); data.share_p
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ANCHORS = {
     "trl-sigmoid": [str(BENCH / "trl_anchor.py"), "--config", "trl-sigmoid"],
+    "trl-sigmoid-gc": [str(BENCH / "trl_anchor.py"), "--config", "trl-sigmoid-gc"],
     "bare-bound": [str(BENCH / "bare_bound.py")],
     "bare-bound-retain": [str(BENCH / "bare_bound.py")],
     "trl-sigmoid-lora": [__file__, "--trl-lora"],  # TRL's anchor with the same peft_config as ours-lora-*
@@ -74,7 +80,17 @@ ANCHORS = {
 # The bound again with the allocator setting our trainer makes on CPU (rainbowpo.host), as glibc tunables:
 # how much of our lead over the bound is that setting rather than the training path.
 ANCHOR_ENV = {"bare-bound-retain": retain_env()}
-ORDER = ["trl-sigmoid", "bare-bound", "bare-bound-retain", *OURS, "trl-sigmoid-lora"]
+# Our trainer as a user starts it: `python -m rainbowpo.train key=value ...` (one rank), measured from outside.
+OURS_CLI = {"ours-dpo-cli": {"objective.preset": "dpo", "reference.mode": "online"}}
+ORDER = [
+    "trl-sigmoid",
+    "trl-sigmoid-gc",
+    "bare-bound",
+    "bare-bound-retain",
+    *OURS,
+    *OURS_CLI,
+    "trl-sigmoid-lora",
+]
 
 
 def common_overrides(workload: Path, out: Path) -> dict:
@@ -180,10 +196,27 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cli_result(name: str, workload: Path, out: Path) -> dict:
+    """The JSON line of a `python -m rainbowpo.train` run, read from its metrics (wall and RSS come from
+    the driver's os.wait4)."""
+    from rainbowpo.metrics import read_metrics
+
+    rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r]
+    losses = [r["loss"] for r in rows]
+    return {"config": name, "final_loss": round(losses[-1], 5), "mean_train_loss": round(statistics.fmean(losses), 5),
+            "steps": len(losses), "first_batch_mean_chosen_logp": round(rows[0]["logps/chosen"], 1)}  # fmt: skip
+
+
 def run_config(name: str, workload: Path, scratch: Path) -> dict:
-    """Each config in a fresh process; the last stdout line is its JSON result."""
+    """Each config in a fresh process; the last stdout line is its JSON result, plus the whole process's
+    wall seconds and max RSS (os.wait4 on the child)."""
     out = scratch / name
-    if name in ANCHORS:
+    cli = name in OURS_CLI
+    if cli:
+        shutil.rmtree(out, ignore_errors=True)
+        overrides = {**common_overrides(workload, out), **OURS_CLI[name]}
+        cmd = [sys.executable, "-m", "rainbowpo.train", *(f"{k}={v}" for k, v in overrides.items())]
+    elif name in ANCHORS:
         cmd = [sys.executable, *ANCHORS[name], "--workload", str(workload)]
         if name.startswith("trl"):
             cmd += ["--out-dir", str(out)]
@@ -204,18 +237,58 @@ def run_config(name: str, workload: Path, scratch: Path) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         **ANCHOR_ENV.get(name, {}),
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    if cli:  # a lone process: the rendezvous variables the deepspeed launcher would set
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=os.environ.get("BENCH_PORT") or str(_free_port()))  # fmt: skip
+    returncode, stdout, stderr, wall, max_rss_kib = _run_measured(cmd, env, scratch / f"{name}.log")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if returncode != 0 or not (lines or cli):
+        raise SystemExit(f"{name} failed ({returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = cli_result(name, workload, out) if cli else json.loads(lines[-1])
+    wl = json.loads((workload / "workload.json").read_text())
+    result.update(process_s=round(wall, 2), process_tokens_per_s=round(wl["train_tokens"] / wall, 1),
+                  process_max_rss_mib=round(max_rss_kib / 1024, 1))  # fmt: skip
+    if cli:  # no inner clock: the whole process is the measurement
+        result.update(wall_s=result["process_s"], tokens_per_s=result["process_tokens_per_s"],
+                      peak_rss_mib=result["process_max_rss_mib"])  # fmt: skip
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a fixed port clashes with other runs on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, str, str, float, int]:
+    """Run `cmd`, output to files (no pipe to fill), reaped with os.wait4: (rc, stdout, stderr, wall s,
+    max RSS KiB of the child)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    err_path = log.with_suffix(".err")
+    with open(log, "w") as out_f, open(err_path, "w") as err_f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: keep Popen from waiting again
+    return proc.returncode, log.read_text(), err_path.read_text(), wall, usage.ru_maxrss
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
     """Median over repeats per config and the ratios to TRL and to the bare bound."""
     rows = []
     for name, runs in results.items():
-        row = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "tokens_per_s", "peak_rss_mib")}
+        keys = (
+            "wall_s",
+            "tokens_per_s",
+            "peak_rss_mib",
+            "process_s",
+            "process_tokens_per_s",
+            "process_max_rss_mib",
+        )
+        row = {k: statistics.median(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
         row.update(config=name, runs=len(runs), mean_train_loss=runs[0].get("mean_train_loss"),
                    cache_s=runs[0].get("cache_s", runs[0].get("precompute_s", 0.0)))  # fmt: skip
         rows.append(row)
@@ -226,12 +299,17 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
             if anchor in by_name:
                 r[key + "_speed"] = r["tokens_per_s"] / by_name[anchor]["tokens_per_s"]
                 r[key + "_rss"] = r["peak_rss_mib"] / by_name[anchor]["peak_rss_mib"]
+        gc = by_name.get("trl-sigmoid-gc", {})
+        if gc.get("process_max_rss_mib") and r.get("process_max_rss_mib"):
+            r["vs_trl_gc_process_rss"] = r["process_max_rss_mib"] / gc["process_max_rss_mib"]
+            r["vs_trl_gc_process_speed"] = r["process_tokens_per_s"] / gc["process_tokens_per_s"]
     return rows
 
 
 def table(rows: list[dict]) -> str:
     head = ("| config | wall s | tokens/s | peak RSS MiB | × TRL speed | × TRL RSS | × bare speed | wall / bare "
-            "| mean loss | cache s |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "| mean loss | cache s | process s | process max RSS MiB | × TRL-gc process RSS | × TRL-gc process speed "
+            "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     lines = [head]
     for r in rows:
@@ -240,7 +318,9 @@ def table(rows: list[dict]) -> str:
             f"| {r['config']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} "
             f"| {fmt(r.get('vs_trl_speed'), '.2f')} | {fmt(r.get('vs_trl_rss'), '.2f')} "
             f"| {fmt(r.get('vs_bare_speed'), '.2f')} | {fmt(wall_vs_bare, '.2f')} "
-            f"| {fmt(r['mean_train_loss'], '.5f')} | {fmt(r['cache_s'], '.1f')} |"
+            f"| {fmt(r['mean_train_loss'], '.5f')} | {fmt(r['cache_s'], '.1f')} "
+            f"| {fmt(r.get('process_s'), '.1f')} | {fmt(r.get('process_max_rss_mib'), '.0f')} "
+            f"| {fmt(r.get('vs_trl_gc_process_rss'), '.2f')} | {fmt(r.get('vs_trl_gc_process_speed'), '.2f')} |"
         )
     return "\n".join(lines)
 
