@@ -196,7 +196,10 @@ def save(run, root: str) -> None:
         write_rank_state(tmp, run.dist.rank)
         mark_rank_done(tmp, run.dist.rank)
         ds.barrier()
-        missing = missing_ranks(tmp, run.dist.world_size)
+        # Every rank looks, and the gather returns only after all have looked: rank 0 renames the folder
+        # below, and a rank still about to look would then find no marker at all (seen as a flaky failure).
+        seen = ds.all_gather_objects(missing_ranks(tmp, run.dist.world_size))
+        missing = sorted(set().union(*seen))
         if missing:
             raise CheckpointError(missing_ranks_message(tmp, missing, run.dist.world_size))
         if run.dist.is_main:
