@@ -394,21 +394,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Read YAML (optional), apply `a.b=value` overrides (values parsed as YAML), build and validate."""
-    raw: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                raw = yaml.load(f, Loader=_StrictLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
-            )
+    raw: dict = read_tree(path) if path else {}
     for item in overrides:
         _apply_override(raw, item)
     return build(Config, raw, "")
