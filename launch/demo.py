@@ -187,11 +187,9 @@ def train_cmd(config: str, overrides: dict) -> list[str]:
             config, *(f"{k}={v}" for k, v in overrides.items())]  # fmt: skip
 
 
-def run_seed(seed: int, methods: list[str], sizes: Sizes, out: Path, fresh: bool) -> None:
-    """All stages for one seed under out/seed-S."""
-    work = out / f"seed-{seed}"
-    data, sft, prep = work / "data", work / "sft", work / "prep"
-    stages = Stages(work, fresh)
+def data_and_sft(seed: int, sizes: Sizes, work: Path, stages: Stages) -> Path:
+    """The seed's data (made once) and its SFT model in work/sft (skipped when done); returns the data folder."""
+    data, sft = work / "data", work / "sft"
     data_stamp = ["make_data", seed, sizes.sft_rows, sizes.prep_prompts, sizes.heldout_prompts, sizes.hidden,
                   sizes.layers]  # fmt: skip
     if not stages.done(data, data_stamp):
@@ -200,6 +198,13 @@ def run_seed(seed: int, methods: list[str], sizes: Sizes, out: Path, fresh: bool
     stages.run(sft, train_cmd("configs/demo/sft.yaml", {
         "model.path": data / "base", "data.train": data / "sft.jsonl", "output.dir": sft,
         "train.epochs": sizes.sft_epochs, "train.seed": seed}))  # fmt: skip
+    return data
+
+
+def run_seed(seed: int, methods: list[str], sizes: Sizes, out: Path, fresh: bool) -> None:
+    """All stages for one seed under out/seed-S."""
+    work, stages = out / f"seed-{seed}", Stages(out / f"seed-{seed}", fresh)
+    data, sft, prep = data_and_sft(seed, sizes, work, stages), work / "sft", work / "prep"
     stages.run(prep, [sys.executable, "-m", "data_prep.pipeline", "--model", str(sft / "final"),
                       "--prompts", str(data / "prep.jsonl"), "--out", str(prep), "--procs", "2",
                       "--reward", REWARD, "--method", "rso", "--k", "4", "--beta-rso", "0.5",
@@ -217,17 +222,8 @@ def run_iterate(seed: int, rounds: int, sizes: Sizes, out: Path, fresh: bool) ->
     paths); the driver resumes by itself, so a re-run continues or skips its rounds."""
     import yaml
 
-    work = out / f"seed-{seed}"
-    data, sft = work / "data", work / "sft"
-    stages = Stages(work, fresh)
-    data_stamp = ["make_data", seed, sizes.sft_rows, sizes.prep_prompts, sizes.heldout_prompts, sizes.hidden,
-                  sizes.layers]  # fmt: skip
-    if not stages.done(data, data_stamp):
-        make_data(data, seed, sizes)
-        stages.stamp(data, data_stamp)
-    stages.run(sft, train_cmd("configs/demo/sft.yaml", {
-        "model.path": data / "base", "data.train": data / "sft.jsonl", "output.dir": sft,
-        "train.epochs": sizes.sft_epochs, "train.seed": seed}))  # fmt: skip
+    work, stages = out / f"seed-{seed}", Stages(out / f"seed-{seed}", fresh)
+    data, sft = data_and_sft(seed, sizes, work, stages), work / "sft"
     cfg = yaml.safe_load((ROOT / "configs/iterate/demo.yaml").read_text())
     cfg["model"]["path"] = str(sft / "final")
     cfg["prep"].update(prompts=str(data / "prep.jsonl"), seed=seed, n=sizes.candidates)
