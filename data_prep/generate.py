@@ -103,10 +103,6 @@ def sampler_settings(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**63)
-
-
 def batch_seed(seed: int, prompt_ids_: list[str]) -> int:
     """The seed of one hf batch: (seed, the batch's prompt ids in order) — independent of the sharding."""
     return (seed * 1_000_003 + zlib.crc32("\x1f".join(prompt_ids_).encode())) % (2**63)
@@ -389,39 +385,6 @@ def summary_line(s: dict, out_dir: str) -> str:
     return (f"generate: shard {s['shard']}: {s['prompts']} prompts, {s['candidates']} candidates, "
             f"{s['skipped']} skipped (too long), {s['tokens']:,} candidate tokens in {s['seconds']:.1f} s "
             f"({rate:,.0f} tok/s) → {out_dir}")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kept for data_prep.evaluate: one prompt per call, seeded per prompt (the pre-batching loop).
-
-
-@torch.no_grad()
-def sample_hf(model, tokenizer, row: dict, settings: dict) -> list[str]:
-    ids = torch.tensor([prompt_ids(tokenizer, row_prompt(row))])
-    torch.manual_seed(prompt_seed(settings["seed"], row["id"]))
-    greedy = settings["temperature"] <= 0
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=not greedy,
-        temperature=None if greedy else settings["temperature"],
-        top_p=None if greedy else settings["top_p"],
-        top_k=None if greedy or not settings["top_k"] else settings["top_k"],
-        max_new_tokens=settings["max_new_tokens"],
-        num_return_sequences=1 if greedy else settings["n"],
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    texts = [t.strip() for t in texts]
-    return texts * settings["n"] if greedy else texts
-
-
-def load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, tokenizer
 
 
 def parser() -> argparse.ArgumentParser:

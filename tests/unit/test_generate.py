@@ -70,13 +70,24 @@ def test_greedy_batches_equal_one_prompt_at_a_time(ws, tmp_path):
     single, batched = candidates(tmp_path / "b1"), candidates(tmp_path / "b4")
     assert single == batched and all(len(set(c)) == 1 for c in single.values())
     # and equal to plain `model.generate` on the prompt alone (no shared prefill cache, no padding)
-    model, tok = generate.load_model(str(ws / "model"))
-    settings = {"n": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 0}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ws / "model")
+    model = AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.float32).eval()
     plain = {
-        r["id"]: generate.sample_hf(model, tok, r, settings)
+        r["id"]: [plain_greedy(model, tok, r["prompt"])] * 3
         for r in map(json.loads, open(ws / "prompts.jsonl"))
     }
     assert plain == single
+
+
+@torch.no_grad()
+def plain_greedy(model, tok, prompt: str, max_new_tokens: int = 6) -> str:
+    """Stock `model.generate` on one prompt (no batching, no shared prefill): the oracle of the test above."""
+    ids = torch.tensor([prompt_ids(tok, prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_too_long_prompt_is_skipped_counted_and_not_retried(ws, tmp_path):
