@@ -73,16 +73,20 @@ def base_overrides(ws: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def launch(overrides: list[str], nprocs: int = 1, timeout: int = 400, check: bool = True):
+def train_command(overrides: list[str], nprocs: int) -> list[str]:
     """`python -m rainbowpo.train` (1 process) or `deepspeed --num_accelerators N --module rainbowpo.train`."""
+    if nprocs == 1:
+        return [sys.executable, "-m", "rainbowpo.train", *overrides]
+    ds = str(Path(sys.executable).parent / "deepspeed")
+    return [ds, "--num_accelerators", str(nprocs), "--master_port", str(free_port()), "--module",
+            "rainbowpo.train", *overrides]  # fmt: skip
+
+
+def launch(overrides: list[str], nprocs: int = 1, timeout: int = 400, check: bool = True):
+    """A training run (train_command) to its end; its output captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)
-    if nprocs == 1:
-        cmd = [sys.executable, "-m", "rainbowpo.train", *overrides]
-    else:
-        ds = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [ds, "--num_accelerators", str(nprocs), "--master_port", str(free_port()), "--module",
-               "rainbowpo.train", *overrides]  # fmt: skip
+    cmd = train_command(overrides, nprocs)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, base_overrides, final_weights, free_port, launch, read_metrics
+from conftest import ROOT, base_overrides, final_weights, free_port, launch, read_metrics, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -31,13 +31,7 @@ def start(overrides: list[str], nprocs: int) -> subprocess.Popen:
     """A training run in its own process group (one killpg takes the launcher and its ranks)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    if nprocs == 1:
-        cmd = [sys.executable, "-m", "rainbowpo.train", *overrides]
-    else:
-        ds = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [ds, "--num_accelerators", str(nprocs), "--master_port", str(free_port()), "--module",
-               "rainbowpo.train", *overrides]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(train_command(overrides, nprocs), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
 
 

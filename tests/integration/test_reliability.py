@@ -12,12 +12,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, base_overrides, final_weights, free_port, launch, read_metrics
+from conftest import ROOT, base_overrides, final_weights, launch, read_metrics, train_command
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -28,11 +27,8 @@ COMMON = {"train.epochs": 4, "train.max_steps": 8, "output.save_every": 1, "outp
 
 def start(overrides: list[str]) -> subprocess.Popen:
     """A 2-rank deepspeed launch in its own process group (so one killpg takes the launcher and ranks)."""
-    ds = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [ds, "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "rainbowpo.train",
-           *overrides]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(train_command(overrides, 2), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
 
 
