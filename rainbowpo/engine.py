@@ -78,6 +78,7 @@ def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
     timeout = timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        _unlink_shm_allreduce_buffer()
     if torch.distributed.get_world_size() > 1:
         group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo", timeout=timeout)
         _MONITOR.update(group=group, timeout=timeout)
@@ -86,6 +87,20 @@ def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
         accel.set_device(local_rank)
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's shm comm op (csrc/cpu/comm/shm.cpp) creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (66 MB) in init and never unlinks it: every CPU run leaked 66 MB per rank until /dev/shm filled and vLLM's
+    workers failed to start. The ranks map each other's buffers inside init, so after a barrier the names are no
+    longer needed; the mappings stay valid and the memory is freed when the last rank exits, SIGKILL included."""
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{torch.distributed.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,10 @@ def test_overfit_dpo_and_rainbowpo(workspace, tmp_path):
         assert (rows[0]["phi/mean"] == 1.0) == (preset == "dpo")
 
 
+def _shm_allreduce_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_data_parallel_zero3_matches_single_rank_and_split(workspace, tmp_path):
     """2 ranks ZeRO-3 (micro 2 × accum 2) == 1 rank ZeRO-0 (micro 8 × accum 1) == token-budget split."""
     common = {"train.max_steps": 3, "train.epochs": 2, "objective.preset": "rainbowpo"}
@@ -51,8 +56,10 @@ def test_data_parallel_zero3_matches_single_rank_and_split(workspace, tmp_path):
         )
     )
     dp = tmp_path / "dp"
+    shm_before = _shm_allreduce_buffers()
     proc = launch(base_overrides(workspace, dp, **common, **{"train.micro_batch_pairs": 2}), nprocs=2)
     assert "world size 2" in proc.stdout and "accumulation 2" in proc.stdout and "ZeRO stage 3" in proc.stdout
+    assert _shm_allreduce_buffers() <= shm_before, "DeepSpeed's /dev/shm buffers leaked"
     budget = tmp_path / "budget"
     launch(base_overrides(workspace, budget, **common, **{"train.micro_batch_tokens": 60}), nprocs=2)
     w_single = final_weights(single)
