@@ -5,8 +5,11 @@
 
 The model body gives hidden states; only the response positions (`batch.target_index`) go through the
 LM head. When their logits would exceed `keep_logits_mb` (positions × vocab × 4 bytes) the head runs in
-chunks recomputed in backward, so no [tokens, vocab] tensor is kept for the batch; below it the logits
-stay in memory and nothing is recomputed.
+chunks recomputed in backward, so no [tokens, vocab] tensor is kept for the batch; below it one such tensor
+stays in memory and nothing is recomputed: `HeadLogProb` turns the logits into the softmax in place, keeps
+only that for backward and turns it into the logits' gradient in place there (log_softmax + gather under
+autograd keeps two [tokens, vocab] tensors and makes two more in backward). `check_head` compares its
+log-probs and gradients with autograd's on the first batch.
 The head is called as a module (never by reading `.weight`): under ZeRO-3 its hooks gather the weight.
 What the model's own forward does to the logits after its LM head is applied too (`logit_transform`:
 Cohere `logit_scale`, Granite `logits_scaling`, Gemma-2/3 `final_logit_softcapping`); `check_head` compares
@@ -62,6 +65,49 @@ def _token_stats(head, hidden: torch.Tensor, targets: torch.Tensor, transform: t
     return logp, entropy
 
 
+class HeadLogProb(torch.autograd.Function):
+    """log p(target) = z[target] − logsumexp(z), z = scale · (h Wᵀ + b), one [N, V] fp32 buffer in all.
+
+    Forward: the logits become the softmax p in place, which is all backward keeps (besides h and W).
+    Backward: ∂ log p(t)/∂z = onehot(t) − p, so g · (onehot − p) is written over p in place, then
+    ∂h = scale · G W and ∂W = scale · Gᵀ h. A second backward through the same graph finds p modified and
+    autograd raises; it never reuses a stale buffer silently."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale: float):
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()  # fp32 weights: no copy is made
+        if scale != 1.0:
+            logits.mul_(scale)
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        peak = logits.amax(-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        total = probs.sum(-1, keepdim=True)
+        probs.div_(total)
+        ctx.scale = scale
+        ctx.save_for_backward(hidden, weight, bias, targets, probs)
+        return picked - (peak + total.log()).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, probs = ctx.saved_tensors
+        g = grad.float()[:, None]
+        dz = probs.mul_(-g).scatter_add_(1, targets[:, None], g)
+        if ctx.scale != 1.0:
+            dz.mul_(ctx.scale)
+        dz = dz.to(hidden.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = dz @ weight if need_h else None
+        grad_weight = dz.t() @ hidden if need_w else None
+        grad_bias = dz.sum(0) if need_b else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def fused_head_applies(head, transform: tuple) -> bool:
+    """HeadLogProb reads the weight itself: a plain Linear whose weight is whole (not ZeRO-3 partitioned,
+    which the module's own hooks gather) and no soft-cap (Gemma-2's tanh goes through autograd)."""
+    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id") and transform[1] is None
+
+
 class SequenceScorer(torch.nn.Module):
     def __init__(self, model, chunk_size: int = 1024, keep_logits_mb: float = 512, aux_coef: float = 0.0):
         super().__init__()
@@ -90,9 +136,17 @@ class SequenceScorer(torch.nn.Module):
         recompute = torch.is_grad_enabled() and logits_mb > self.keep_logits_mb
         chunk = self.chunk_size if recompute or not torch.is_grad_enabled() else max(1, flat.shape[0])
         logps, entropies = [], []
+        fused = (
+            torch.is_grad_enabled()
+            and not recompute
+            and not with_entropy
+            and fused_head_applies(head, transform)
+        )
         for start in range(0, flat.shape[0], chunk):
             h, t = flat[start : start + chunk], batch.target_ids[start : start + chunk]
-            if recompute:
+            if fused:
+                lp, ent = HeadLogProb.apply(h, head.weight, head.bias, t, transform[0]), None
+            elif recompute:
                 lp, ent = checkpoint(_token_stats, head, h, t, transform, with_entropy, use_reentrant=False)
             else:
                 lp, ent = _token_stats(head, h, t, transform, with_entropy)
@@ -154,7 +208,8 @@ def router_aux_coef(model, configured: float | None) -> float:
 def check_head(scorer: SequenceScorer, batch, atol: float | None = None) -> float:
     """Fast-path log-probs vs log_softmax of the model's own `forward(...).logits` on `batch`; returns the
     largest mean difference per response token, raises ValueError naming the model when it exceeds `atol`
-    (default 1e-3 for fp32 weights; 0.1 for 16-bit ones, whose own forward rounds the transformed logits)."""
+    (default 1e-3 for fp32 weights; 0.1 for 16-bit ones, whose own forward rounds the transformed logits).
+    Also HeadLogProb's input gradient against autograd's (relative to its largest entry, same `atol`)."""
     model = scorer.model
     if atol is None:
         atol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
@@ -172,4 +227,35 @@ def check_head(scorer: SequenceScorer, batch, atol: float | None = None) -> floa
             "rainbowpo.logprobs.logit_transform does not know. Add it there (see the model's forward) before "
             "training"
         )
+    gradient = _check_fused_gradient(scorer, batch)
+    if not gradient <= atol:
+        raise ValueError(
+            f"the fused LM-head gradient (rainbowpo.logprobs.HeadLogProb) differs from autograd's by {gradient:.3g} "
+            f"of its largest entry (> {atol}) on {type(model).__name__}; train.keep_logits_mb: 0 trains "
+            "without it (the head is then recomputed in chunks under autograd)"
+        )
     return worst
+
+
+def _check_fused_gradient(scorer: SequenceScorer, batch, positions: int = 64) -> float:
+    """HeadLogProb against autograd through log_softmax on up to `positions` response positions: the
+    largest difference of ∂(Σ c·log p)/∂h relative to its largest entry (0.0 when the fused path is not
+    used). Per-position weights c make a wrong scaling of the incoming gradient show."""
+    model = scorer.model
+    body, head = _decoder(model), model.get_output_embeddings()
+    transform = logit_transform(model.config)
+    if body is None or not fused_head_applies(head, transform) or batch.target_index.numel() == 0:
+        return 0.0
+    hidden = body(**scorer._model_kwargs(batch)).last_hidden_state
+    index = batch.target_index[:positions]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    targets = batch.target_ids[:positions]
+    weights = torch.linspace(0.5, 1.5, len(index), device=h.device)
+    with torch.enable_grad():
+        h_fused, h_auto = h.clone().requires_grad_(), h.clone().requires_grad_()
+        fused = HeadLogProb.apply(h_fused, head.weight, head.bias, targets, transform[0])
+        auto, _ = _token_stats(head, h_auto, targets, transform, False)
+        (grad_fused,) = torch.autograd.grad((fused * weights).sum(), h_fused)
+        (grad_auto,) = torch.autograd.grad((auto * weights).sum(), h_auto)
+    scale = grad_auto.abs().max().clamp(min=1e-12)
+    return float((grad_fused - grad_auto).abs().max() / scale)

@@ -47,7 +47,6 @@ def examples(n=3, seed=0):
     return [PairExample(i, ids(3, 7), ids(2, 6), ids(2, 6)) for i in range(n)]
 
 
-@torch.no_grad()
 def own_logps(model, exs):
     """Each sequence alone through the model's own forward (its logits, transforms included)."""
     out = []
@@ -62,7 +61,8 @@ def own_logps(model, exs):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_fast_path_equals_the_models_own_logits(arch):
     exs = examples()
-    expected = own_logps(tiny(arch), exs)
+    with torch.no_grad():
+        expected = own_logps(tiny(arch), exs)
     # Gemma-2 soft-caps attention scores too: eager only (no sdpa in transformers, so no packing here)
     layouts = [("eager", False)] if arch == "gemma2" else [("sdpa", False), ("packed_sdpa", True)]
     for req, packing in layouts:
@@ -72,6 +72,64 @@ def test_fast_path_equals_the_models_own_logits(arch):
             lp, _ = SequenceScorer(model, chunk_size=3, keep_logits_mb=0)(batch)
         torch.testing.assert_close(lp, expected, atol=2e-5, rtol=0, msg=f"{arch} {req}")
         assert check_head(SequenceScorer(model), batch) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "cohere", "granite", "gemma2"])
+def test_training_gradients_equal_the_models_own(arch):
+    """The path training takes (grad on, logits kept: HeadLogProb where it applies, autograd for Gemma-2's
+    soft-cap) against autograd through the model's own logits, every parameter, unequal per-sequence weights."""
+    exs = examples()
+    oracle, model = (
+        tiny(arch),
+        tiny(arch, select_attention("sdpa" if arch != "gemma2" else "eager", False, False)),
+    )
+    weights = torch.linspace(0.5, 2.0, 2 * len(exs))
+    (own_logps(oracle, exs) * weights).sum().backward()
+    batch = collate(exs, packing=False, share_prompt=False, pad_id=0)
+    scorer = SequenceScorer(model)
+    head = model.get_output_embeddings()
+    assert logprobs.fused_head_applies(head, logit_transform(model.config)) == (arch != "gemma2")
+    (scorer(batch)[0] * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=f"{arch} {name}")
+
+
+def test_head_log_prob_by_hand():
+    """Two positions, vocab 3, hidden 1, W = [1, 2, 3]ᵀ, b = [0, 0, 1], scale 1/2: z = (h·W + b)/2.
+    h = 2: z = (1, 2, 3.5), target 2 → log p = 3.5 − log(e + e² + e^3.5).
+    Gradient of g·log p for g = 3: ∂z = g·(onehot − p); ∂h = ½ ∂z·W, ∂W = ½ ∂z·h, ∂b = ½ ∂z."""
+    W = torch.tensor([[1.0], [2.0], [3.0]], requires_grad=True)
+    b = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
+    h = torch.tensor([[2.0]], requires_grad=True)
+    logp = logprobs.HeadLogProb.apply(h, W, b, torch.tensor([2]), 0.5)
+    z = torch.tensor([1.0, 2.0, 3.5], dtype=torch.float64)
+    expected = 3.5 - torch.logsumexp(z, 0)
+    assert abs(float(logp.detach()) - float(expected)) < 1e-6
+    (3.0 * logp).sum().backward()
+    p = torch.softmax(z, 0)
+    dz = 3.0 * (torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64) - p)
+    torch.testing.assert_close(
+        h.grad.double(), (0.5 * dz @ W.detach().double()).reshape(1, 1), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(W.grad.double(), 0.5 * dz[:, None] * 2.0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.grad.double(), 0.5 * dz, atol=1e-6, rtol=0)
+
+
+def test_head_log_prob_refuses_a_second_backward():
+    h = torch.randn(4, 8, requires_grad=True)
+    logp = logprobs.HeadLogProb.apply(h, torch.randn(16, 8), None, torch.tensor([1, 2, 3, 4]), 1.0)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
+def test_check_head_stops_when_the_fused_gradient_is_wrong(monkeypatch):
+    model = tiny("llama", "sdpa")
+    batch = collate(examples(), packing=False, share_prompt=False, pad_id=0)
+    backward = logprobs.HeadLogProb.backward
+    monkeypatch.setattr(logprobs.HeadLogProb, "backward", staticmethod(lambda ctx, g: backward(ctx, 2 * g)))
+    with pytest.raises(ValueError, match="fused LM-head gradient"):
+        check_head(SequenceScorer(model), batch)
 
 
 @pytest.mark.parametrize("arch", TRANSFORMED)
