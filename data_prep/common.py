@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib
 import json
@@ -108,6 +109,30 @@ def prompt_ids_of(rows: list[dict]) -> list[dict]:
         seen.add(row["id"])
         out.append(row)
     return out
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --chat-template-kwargs: a JSON object, e.g. '{"enable_thinking": false}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}"
+        )
+    return value
+
+
+def add_chat_template_args(p: argparse.ArgumentParser) -> None:
+    """--chat-template-kwargs, unless the parser has it already (the pipeline: one flag for the policy's and
+    the reward model's templates, as with --dtype)."""
+    try:
+        p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                       help="extra chat template options as a JSON object, e.g. '{\"enable_thinking\": false}'; "
+                       "give what training's data.chat_template_kwargs holds")  # fmt: skip
+    except argparse.ArgumentError:
+        pass
 
 
 def load_function(spec: str) -> Callable:

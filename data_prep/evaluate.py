@@ -3,6 +3,7 @@
     python -m data_prep.evaluate --model runs/demo/rainbowpo/final --prompts heldout.jsonl \\
         --reward data_prep.tasks.sort_task:reward --out runs/demo/eval_rainbowpo.json
     python -m data_prep.evaluate --model M --prompts P --reward-model /models/rm [--batch-size 32] [--max-length N]
+        [--chat-template-kwargs '{"enable_thinking": false}']   # as training's data.chat_template_kwargs
 
 Greedy by default; with --temperature T --n N each prompt scores the mean of N sampled answers (the
 expected reward that preference optimization maximizes). "Solved" means reward == 1 (reward functions).
@@ -37,12 +38,15 @@ def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = 2000) -> t
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def answer_all(model_path: str, rows: list[dict], settings: dict, batch_prompts: int, dtype: str) -> dict:
-    """{prompt id: answers} from the batched hf engine ([] for a prompt too long for the model)."""
+def answer_all(
+    model_path: str, rows: list[dict], settings: dict, batch_prompts: int, dtype: str, template_kwargs=None
+) -> dict:
+    """{prompt id: answers} from the batched hf engine ([] for a prompt too long for the model); prompts
+    rendered with `template_kwargs` passed to the chat template."""
     device = str(accelerator_device())
     engine_args = argparse.Namespace(batch_prompts=batch_prompts, dtype=dtype, max_model_len=None)
     engine = generate.HfEngine(model_path, settings, engine_args, device)
-    jobs = [(r["id"], prompt_ids(engine.tokenizer, row_prompt(r))) for r in rows]
+    jobs = [(r["id"], prompt_ids(engine.tokenizer, row_prompt(r), template_kwargs)) for r in rows]
     answers, started = {}, time.perf_counter()
     with tqdm(total=len(jobs), desc=f"evaluate {model_path}", unit="prompt") as bar:
         for start in range(0, len(jobs), batch_prompts):
@@ -69,8 +73,10 @@ def evaluate(
     dtype: str = "auto",
     seed: int = 0,
     scorer_options: dict | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> dict:
-    """Per prompt: the mean reward of its n answers (greedy when temperature = 0, then n = 1)."""
+    """Per prompt: the mean reward of its n answers (greedy when temperature = 0, then n = 1); prompts are
+    rendered with `chat_template_kwargs` (training's data.chat_template_kwargs) passed to the chat template."""
     if batch_prompts < 1 or n < 1 or max_new_tokens < 1:
         raise ValueError("--batch-prompts, --n and --max-new-tokens must be >= 1")
     scorer = score.make_scorer(reward, reward_model, **(scorer_options or {}))  # checked before generating
@@ -80,7 +86,7 @@ def evaluate(
     rows = prompt_ids_of(read_jsonl(prompts_path))
     started = time.perf_counter()
     folder = resolve_model_folder(model_path)  # a LoRA adapter folder: merged once, cached
-    answers = answer_all(folder, rows, settings, batch_prompts, dtype)
+    answers = answer_all(folder, rows, settings, batch_prompts, dtype, chat_template_kwargs)
     answered = [{**r, "candidates": answers[r["id"]]} for r in rows if answers[r["id"]]]
     if not answered:
         raise ValueError(f"{prompts_path}: every prompt is too long for {model_path}; nothing to evaluate")
@@ -130,15 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate call")
     p.add_argument("--out", default=None, help="write the full result (rewards, answers) as JSON")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    score.add_scoring_args(
-        p
-    )  # --reward | --reward-model, --batch-size, --max-length, --dtype, --trust-remote-code
+    score.add_scoring_args(p)  # --reward | --reward-model and its flags, --dtype, --chat-template-kwargs
     args = p.parse_args(argv)
     options = score.scorer_options(args) if args.reward_model else {}
     try:
         result = evaluate(args.model, args.prompts, args.reward, args.max_new_tokens, args.temperature, args.n,
                           reward_model=args.reward_model, batch_prompts=args.batch_prompts, dtype=args.dtype,
-                          seed=args.seed, scorer_options=options)  # fmt: skip
+                          seed=args.seed, scorer_options=options,
+                          chat_template_kwargs=args.chat_template_kwargs)  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"evaluate: error: {exc}") from None
     if args.out:

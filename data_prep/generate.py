@@ -5,7 +5,8 @@
     deepspeed --hostfile hosts --module data_prep.generate ...     # one process per GPU, shard = RANK/WORLD_SIZE
 
 Prompt rows: {"id", "prompt": str} or {"id", "messages": [...]} (+ any metadata columns, kept), rendered to
-token ids by rainbowpo.data.render.prompt_ids (one BOS); engines get ids, never text.
+token ids by rainbowpo.data.render.prompt_ids (one BOS; --chat-template-kwargs JSON passed to the chat
+template, as training passes data.chat_template_kwargs); engines get ids, never text.
 
 Engines (one per process, built once): `hf` samples --batch-prompts prompts at a time (left padding, each
 prompt prefilled once for its n samples) on the process's accelerator; `vllm` is data_prep.vllm_engine
@@ -31,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.common import (
+    add_chat_template_args,
     done_ids,
     launcher_ranks,
     parse_shard,
@@ -72,6 +74,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (hf: 1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vllm: fraction of GPU memory to reserve (default 0.9 on CUDA; on the CPU, of RAM: 0.1)")  # fmt: skip
+    add_chat_template_args(p)
 
 
 def check_args(args) -> None:
@@ -320,10 +323,11 @@ def generate(model_path: str, prompts_path: str, out_dir: str, args, shard: str 
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     extra = {"sampler": settings, "model_fingerprint": model_fingerprint(model_path)}
+    template_kwargs = getattr(args, "chat_template_kwargs", None)  # training's data.chat_template_kwargs
     start = time.perf_counter()
     bar = tqdm(total=todo, desc=f"generate {index}/{count}", unit="prompt")
     for call in parts(batches, args.chunk, 256 if args.engine == "vllm" else 1):
-        jobs = [(r["id"], prompt_ids(tokenizer, row_prompt(r))) for b in call for _, r in b]
+        jobs = [(r["id"], prompt_ids(tokenizer, row_prompt(r), template_kwargs)) for b in call for _, r in b]
         candidates = dict(zip([pid for pid, _ in jobs], engine.generate(jobs)))
         for group in part_files(call, args.chunk):
             group = [(pos, r) for pos, r in group if r["id"] not in finished]

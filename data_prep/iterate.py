@@ -14,6 +14,9 @@ held-out prompts (round 0 is the SFT model itself; answers by data_prep.generate
     train/            a rainbowpo.train run (train/final: policy r);   eval/: greedy.json, sampled.json
     summary.json      the numbers of the report;   <stage>.DONE markers, and DONE for the whole round
 
+Prompts are rendered as training renders them: the training config's data.chat_template_kwargs go to
+data_prep.generate (--chat-template-kwargs) and to a reward model's chat template.
+
 Resumable everywhere: a finished stage (its .DONE marker) or round (DONE) is never run again; a killed
 stage continues on its own (generate and score skip finished prompts, training resumes from its newest
 checkpoint with output.resume=auto). A round's data only ever comes from its base model: resuming checks
@@ -39,6 +42,7 @@ from data_prep.iterate_config import (  # noqa: F401  (re-exported: the config i
     DRIVER_KEYS,
     ConfigError,
     IterateConfig,
+    chat_template_kwargs,
     check_same_run,
     flatten,
     load_iterate_config,
@@ -190,10 +194,16 @@ def generate(cfg: IterateConfig, rnd: Round, base: Path, prompts: Path, seed: in
     cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(base), "--prompts", str(prompts),
            "--out", str(out), "--n", str(p.n), "--temperature", str(p.temperature), "--top-p", str(p.top_p),
            "--top-k", str(p.top_k), "--max-new-tokens", str(p.max_new_tokens), "--seed", str(seed),
-           "--engine", p.engine, "--chunk", str(p.chunk)]  # fmt: skip
+           "--engine", p.engine, "--chunk", str(p.chunk), *template_flags(cfg)]  # fmt: skip
     run_parallel([cmd + ["--shard", f"{i}/{p.procs}"] for i in range(p.procs)],
                  [rnd.dir / f"generate-{i}.log" for i in range(p.procs)])  # fmt: skip
     rnd.mark("generate", {"model": str(base), "model_fingerprint": base_fp})
+
+
+def template_flags(cfg: IterateConfig) -> list[str]:
+    """data_prep.generate's --chat-template-kwargs: the training config's data.chat_template_kwargs."""
+    kwargs = chat_template_kwargs(cfg)
+    return ["--chat-template-kwargs", json.dumps(kwargs)] if kwargs else []
 
 
 def check_fingerprints(folder: Path, expected: str, what: str) -> None:
@@ -209,7 +219,8 @@ def score(cfg: IterateConfig, rnd: Round) -> None:
     from data_prep import score as score_stage
 
     say(f"round {rnd.r}: score with {cfg.prep.reward or cfg.prep.reward_model}")
-    scorer = score_stage.make_scorer(cfg.prep.reward or None, cfg.prep.reward_model or None)
+    scorer = score_stage.make_scorer(cfg.prep.reward or None, cfg.prep.reward_model or None,
+                                     chat_template_kwargs=chat_template_kwargs(cfg))  # fmt: skip
     score_stage.score(str(rnd.dir / "candidates"), str(rnd.dir / "scored"), scorer)
     rnd.mark("score", {"scorer": scorer.name})
 
@@ -243,15 +254,15 @@ def evaluate(cfg: IterateConfig, out: Path, model: Path, label: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     modes = {"greedy": (1, 0.0)} | ({"sampled": (e.samples, e.temperature)} if e.samples else {})
     say(f"{label}: evaluate {model} on {e.prompts} ({', '.join(modes)})")
-    scorer = score_stage.make_scorer(
-        e.reward or cfg.prep.reward or None, None if e.reward else cfg.prep.reward_model or None
-    )
+    reward_model = None if e.reward else cfg.prep.reward_model or None
+    reward = e.reward or cfg.prep.reward or None
+    scorer = score_stage.make_scorer(reward, reward_model, chat_template_kwargs=chat_template_kwargs(cfg))
     cmds, logs, procs = [], [], cfg.prep.procs
     for mode, (n, temperature) in modes.items():  # all modes' generations at once: one start-up wait
         cmd = [sys.executable, "-m", "data_prep.generate", "--model", str(model), "--prompts", e.prompts,
                "--out", str(out / f"{mode}-answers"), "--n", str(n), "--temperature", str(temperature),
                "--max-new-tokens", str(e.max_new_tokens), "--seed", str(e.seed), "--engine", cfg.prep.engine,
-               "--chunk", str(cfg.prep.chunk)]  # fmt: skip
+               "--chunk", str(cfg.prep.chunk), *template_flags(cfg)]  # fmt: skip
         cmds += [cmd + ["--shard", f"{i}/{procs}"] for i in range(procs)]
         logs += [out / f"{mode}-{i}.log" for i in range(procs)]
     run_parallel(cmds, logs)

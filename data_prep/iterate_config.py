@@ -190,6 +190,13 @@ def check_inputs(cfg: IterateConfig) -> None:
         raise ConfigError(f"train.config {cfg.train.config} (with train.overrides): {exc}") from None
 
 
+def chat_template_kwargs(cfg: IterateConfig) -> dict:
+    """data.chat_template_kwargs of the training config (with train.overrides): generation, scoring and
+    evaluation render prompts with them, as training does."""
+    train = load_config(cfg.train.config, train_overrides(cfg, cfg.model.path, "pairs.jsonl", "out"))
+    return dict(train.data.chat_template_kwargs)
+
+
 def train_overrides(cfg: IterateConfig, base: str, pairs: str, out: str) -> list[str]:
     reference = cfg.model.path if cfg.iterate.reference == "initial" else base
     fixed = {"model.path": base, "reference.path": reference, "data.train": pairs, "output.dir": out,

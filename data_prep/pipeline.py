@@ -4,6 +4,8 @@
         --n 8 --reward data_prep.tasks.sort_task:reward --method rso --k 4 --beta-rso 0.5 --procs 2
 
 Writes OUT/candidates/, OUT/scored/ and OUT/pairs.jsonl (rows ready for `data.train`).
+--chat-template-kwargs JSON (training's data.chat_template_kwargs, e.g. '{"enable_thinking": false}') goes
+to the policy's chat template when prompts are rendered for sampling, and to the reward model's.
 With --procs P the generation runs as P processes (`--shard i/P` each), process i pinned to GPUs
 [i·TP, (i+1)·TP) (CUDA_VISIBLE_DEVICES), or on the CPU with the cores split between them.
 Started by `deepspeed`/`torchrun` (several ranks; `bash launch/prep.sh --hostfile HOSTS ...`), every rank
@@ -33,6 +35,8 @@ def child_command(args, out: str, i: int) -> list[str]:
     for key in GENERATE_FLAGS:
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.chat_template_kwargs:
+        cmd += ["--chat-template-kwargs", json.dumps(args.chat_template_kwargs)]
     return cmd
 
 

@@ -3,7 +3,8 @@
     python -m data_prep.score --candidates runs/prep/candidates --out runs/prep/scored \\
         --reward data_prep.tasks.sort_task:reward          # a Python function (prompt, completion, metadata) -> float
     python -m data_prep.score --candidates ... --out ... --reward-model /models/armo-rm \\
-        [--batch-size 32] [--max-length 4096] [--dtype bf16|fp16|fp32] [--trust-remote-code] [--shard i/n]
+        [--batch-size 32] [--max-length 4096] [--dtype bf16|fp16|fp32] [--trust-remote-code] [--shard i/n] \\
+        [--chat-template-kwargs '{"enable_thinking": false}']   # options of the reward model's chat template
 
 Adds "rewards": [float] (one per candidate) and "scorer" to each row; resumable like generate.
 A reward model runs on the process's accelerator (`cuda:LOCAL_RANK`, bf16; else the CPU, fp32), batched
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from data_prep.common import (
     DTYPES,
     accelerator_device,
+    add_chat_template_args,
     checked_reward,
     default_dtype,
     done_ids,
@@ -42,7 +44,7 @@ from data_prep.common import (
     row_prompt,
     write_part,
 )
-from rainbowpo.data.render import encode_prompt, prompt_ids
+from rainbowpo.data.render import encode_prompt, prompt_ids, render_conversation
 from rainbowpo.fingerprint import model_fingerprint
 
 Prompt = str | list[dict]
@@ -99,7 +101,8 @@ class RewardModelScorer:
     `RewardModelScorer(path, batch_size=32, max_length=None, dtype=None, device=None, trust_remote_code=False)`
     loads `AutoModelForSequenceClassification` from `path` (dtype None: bf16 on CUDA, fp32 on the CPU;
     device None: `cuda:LOCAL_RANK` where CUDA is present, else the CPU; max_length None: the model's
-    `max_position_embeddings`, else 4096). `model=` and `tokenizer=` pass objects built in-process instead.
+    `max_position_embeddings`, else 4096). `model=` and `tokenizer=` pass objects built in-process instead;
+    `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the reward model's chat template.
 
     `score_pairs([(prompt, response), ...]) -> [float]` is the whole API (`score_rows` and `__call__` wrap
     it for candidate rows). Each pair is rendered as the chat [user: prompt, assistant: response] with the
@@ -123,6 +126,7 @@ class RewardModelScorer:
         trust_remote_code: bool = False,
         model=None,
         tokenizer=None,
+        chat_template_kwargs: dict | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -141,6 +145,7 @@ class RewardModelScorer:
         positions = getattr(config.get_text_config(), "max_position_embeddings", None)
         self.max_length = max_length if max_length is not None else positions or 4096
         self.batch_size, self.truncated = batch_size, 0
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     @property
     def model(self):
@@ -167,7 +172,7 @@ class RewardModelScorer:
         if getattr(tok, "chat_template", None):
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             chat = [*messages, {"role": "assistant", "content": response}]
-            return encode_prompt(tok, tok.apply_chat_template(chat, tokenize=False))
+            return encode_prompt(tok, render_conversation(tok, chat, self.chat_template_kwargs))
         text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
         return prompt_ids(tok, text) + tok(response, add_special_tokens=False).input_ids
 
@@ -371,8 +376,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_reward_model_args(p: argparse.ArgumentParser) -> None:
-    """--batch-size, --max-length, --trust-remote-code, and --dtype unless the parser has one (the pipeline's
-    and evaluate's --dtype, shared with generation)."""
+    """--batch-size, --max-length, --trust-remote-code, and --dtype and --chat-template-kwargs unless the
+    parser has them (the pipeline's and evaluate's, shared with generation)."""
     p.add_argument("--batch-size", type=int, default=32, help="reward model: sequences per forward")
     p.add_argument("--max-length", type=int, default=None,
                    help="reward model: keep the first N tokens of each sequence (default: the model's context)")  # fmt: skip
@@ -384,6 +389,7 @@ def add_reward_model_args(p: argparse.ArgumentParser) -> None:
                        help="model dtype; auto = bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
     except argparse.ArgumentError:
         pass  # already defined by the caller (one --dtype for the whole run)
+    add_chat_template_args(p)  # the reward model's chat template (ignored without one, and by --reward)
 
 
 def make_scorer(reward: str | None, reward_model: str | None, **model_options):
@@ -396,7 +402,8 @@ def make_scorer(reward: str | None, reward_model: str | None, **model_options):
 def scorer_options(args) -> dict:
     """The reward model's options from the flags of `add_reward_model_args` (absent flags: defaults)."""
     return {"batch_size": getattr(args, "batch_size", 32), "max_length": getattr(args, "max_length", None),
-            "dtype": getattr(args, "dtype", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}  # fmt: skip
+            "dtype": getattr(args, "dtype", None), "trust_remote_code": getattr(args, "trust_remote_code", False),
+            "chat_template_kwargs": getattr(args, "chat_template_kwargs", None)}  # fmt: skip
 
 
 def scorer_from_args(args):

@@ -183,3 +183,82 @@ def test_sampler_frequencies_match_the_warped_softmax(temperature, top_k, top_p,
     for got, want in zip(counts.tolist(), expected):
         se = max((want * (1 - want) / rows) ** 0.5, 1e-9)
         assert abs(got - want) <= 4.5 * se + 1e-4 * (want == 0), (counts, expected)
+
+
+# ----------------------------------------------------------------------------- --chat-template-kwargs
+#: ChatML whose generation prompt opens an empty think block when enable_thinking is false (as Qwen3's does)
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_ws(ws, tmp_path_factory):
+    """ws's model with THINK_TEMPLATE as its chat template, and conversational prompts."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat = tmp_path_factory.mktemp("chat")
+    shutil.copytree(ws / "model", chat / "model")
+    tok = AutoTokenizer.from_pretrained(str(chat / "model"))
+    tok.chat_template = THINK_TEMPLATE
+    tok.save_pretrained(str(chat / "model"))
+    rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": w}]} for i, w in enumerate(WORDS[:3])]
+    (chat / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return chat
+
+
+class RecordingEngine:
+    """Stands in for the engine: keeps the prompt ids it is given, answers "x"."""
+
+    skipped = tokens = 0
+
+    def __init__(self):
+        self.jobs = {}
+
+    def generate(self, jobs):
+        self.jobs.update(jobs)
+        return [["x"] for _ in jobs]
+
+
+def sampled_prompt_ids(chat_ws, out, monkeypatch, *flags) -> dict:
+    engine = RecordingEngine()
+    monkeypatch.setattr(generate, "make_engine", lambda *args: engine)
+    run(chat_ws, out, *flags)
+    return engine.jobs
+
+
+def test_chat_template_kwargs_reach_the_prompt_rendering(chat_ws, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chat_ws / "model"))
+    plain = sampled_prompt_ids(chat_ws, tmp_path / "a", monkeypatch)
+    off = sampled_prompt_ids(
+        chat_ws, tmp_path / "b", monkeypatch, "--chat-template-kwargs", '{"enable_thinking": false}'
+    )
+    on = sampled_prompt_ids(
+        chat_ws, tmp_path / "c", monkeypatch, "--chat-template-kwargs", '{"enable_thinking": true}'
+    )
+    for i, word in enumerate(WORDS[:3]):  # the template's text written out by hand, one BOS added
+        text = f"<|im_start|>user\n{word}<|im_end|>\n<|im_start|>assistant\n"
+        assert plain[f"c{i}"] == tok(text).input_ids == on[f"c{i}"]
+        assert off[f"c{i}"] == tok(text + "<think></think>").input_ids != plain[f"c{i}"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ("{enable_thinking: false}", "not valid JSON"),
+        ('"x"', "expected a JSON object"),
+    ],
+)
+def test_chat_template_kwargs_must_be_a_json_object(value, message, capsys):
+    argv = ["--model", "m", "--prompts", "p", "--out", "o", "--chat-template-kwargs", value]
+    with pytest.raises(SystemExit) as err:
+        generate.parser().parse_args(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and f"error: argument --chat-template-kwargs: {message}" in lines[-1]

@@ -130,6 +130,14 @@ def test_round_overrides_follow_the_reference_choice(tmp_path, files):
     assert iterate.train_overrides(cfg, "/r1", "p.jsonl", "o")[2] == "reference.path=/r1"
 
 
+def test_generation_gets_the_training_configs_chat_template_kwargs(tmp_path, files):
+    cfg = iterate.load_iterate_config(write(tmp_path, files))
+    assert iterate.template_flags(cfg) == []
+    files["train"]["overrides"]["data.chat_template_kwargs"] = "{enable_thinking: false}"
+    cfg = iterate.load_iterate_config(write(tmp_path, files))
+    assert iterate.template_flags(cfg) == ["--chat-template-kwargs", '{"enable_thinking": false}']
+
+
 def test_a_run_folder_refuses_another_config_but_not_more_rounds(tmp_path, files):
     import dataclasses
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_prep import generate, pipeline
+from data_prep import generate, pipeline, score
 from data_prep.common import Launch, Placement, launcher_ranks, place, visible_gpus
 
 
@@ -92,6 +92,17 @@ def test_pipeline_pins_each_child_and_passes_every_generation_flag(monkeypatch):
     )
     # every flag a child gets is a generate flag, so the child's own parser accepts the command
     generate.parser().parse_args(cmd[3:])
+
+
+def test_pipeline_passes_chat_template_kwargs_to_its_children_as_json():
+    base = ["--model", "m", "--prompts", "p.jsonl", "--out", "o", "--reward", "x:y", "--procs", "2"]
+    args = pipeline.parser().parse_args([*base, "--chat-template-kwargs", '{"enable_thinking": false}'])
+    cmd = pipeline.child_command(args, "o/candidates", 0)
+    assert cmd[cmd.index("--chat-template-kwargs") + 1] == '{"enable_thinking": false}'
+    assert generate.parser().parse_args(cmd[3:]).chat_template_kwargs == {"enable_thinking": False}
+    rm_options = score.scorer_options(args)  # the reward model's template gets them too
+    assert rm_options["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "--chat-template-kwargs" not in pipeline.child_command(pipeline.parser().parse_args(base), "o", 0)
 
 
 def test_pin_process_under_the_launcher_takes_the_local_ranks_gpus(monkeypatch):

@@ -358,3 +358,96 @@ def test_evaluate_greedy_with_a_reward_function_does_not_depend_on_batching(poli
         and one["samples_per_prompt"] == 1
         and one["mean_reward"] == four["mean_reward"]
     )
+
+
+# ----------------------------------------------------------------------------- --chat-template-kwargs
+def think_template(generation: bool) -> str:
+    """TEMPLATE with an empty think block when enable_thinking is false: in the generation prompt (a policy's,
+    as Qwen3's) or in the assistant turn (a reward model's)."""
+    off = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    turn = "{% if m['role'] == 'assistant' %}" + off + "{% endif %}"
+    return (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        + ("" if generation else turn)
+        + "{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        + (off if generation else "")
+        + "{% endif %}"
+    )
+
+
+def with_template(src, dst, template: str):
+    """A copy of model folder src whose tokenizer has `template` as its chat template."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tok = load_tok(dst)
+    tok.chat_template = template
+    tok.save_pretrained(str(dst))
+    return dst
+
+
+def test_reward_model_reads_with_the_chat_template_kwargs(custom_rm, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = with_template(custom_rm, tmp_path / "rm", think_template(generation=False))
+    rows = write_candidates(tmp_path / "cands", n_prompts=2)
+    common = ["--candidates", str(tmp_path / "cands"), "--reward-model", str(rm), "--trust-remote-code"]
+    score.main([*common, "--out", str(tmp_path / "plain")])
+    score.main(
+        [*common, "--out", str(tmp_path / "off"), "--chat-template-kwargs", '{"enable_thinking": false}']
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm), trust_remote_code=True)
+    tok = load_tok(rm)
+    for name, opening in (("plain", ""), ("off", "<think></think>")):  # the template's text written by hand
+        got = {r["id"]: r["rewards"] for r in read_parts(str(tmp_path / name))}
+        for row in rows:
+            expected = [
+                custom_reference(model, chat_ids(tok, row["prompt"], opening + c)) for c in row["candidates"]
+            ]
+            assert got[row["id"]] == pytest.approx(expected, abs=1e-5)
+    plain, off = (read_parts(str(tmp_path / name))[0]["rewards"] for name in ("plain", "off"))
+    assert plain != pytest.approx(off, abs=1e-4)  # the think block really changed what the model read
+
+
+@pytest.mark.parametrize("value", ["[1]", "false", "{enable_thinking: false}"])
+def test_score_and_evaluate_refuse_chat_template_kwargs_that_are_no_json_object(value, capsys):
+    from data_prep import evaluate
+
+    for main, argv in (
+        (score.main, ["--candidates", "c", "--out", "o"]),
+        (evaluate.main, ["--model", "m", "--prompts", "p"]),
+    ):
+        with pytest.raises(SystemExit) as err:
+            main([*argv, "--reward", "x:y", "--chat-template-kwargs", value])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.value.code == 2 and "error: argument --chat-template-kwargs: " in line
+        assert ("not valid JSON" if "enable" in value else "expected a JSON object") in line
+
+
+@needs_engine
+def test_evaluate_renders_prompts_with_the_chat_template_kwargs(policy, tmp_path, monkeypatch):
+    from data_prep import evaluate, generate
+    from data_prep.tasks import sort_task
+
+    model = with_template(policy, tmp_path / "policy", think_template(generation=True))
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": r["prompt"]}], "metadata": r["metadata"]}
+            for i, r in enumerate(sort_task.make_prompts(3, seed=0))]  # fmt: skip
+    prompts = tmp_path / "sort.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, real = {}, generate.HfEngine.generate
+    monkeypatch.setattr(
+        generate.HfEngine, "generate", lambda self, jobs: seen.update(jobs) or real(self, jobs)
+    )
+
+    def prompt_ids_with(*flags) -> dict:
+        seen.clear()
+        evaluate.main(["--model", str(model), "--prompts", str(prompts), "--reward",
+                       "data_prep.tasks.sort_task:reward", "--max-new-tokens", "3", *flags])  # fmt: skip
+        return dict(seen)
+
+    plain, off = prompt_ids_with(), prompt_ids_with("--chat-template-kwargs", '{"enable_thinking": false}')
+    tok = load_tok(model)
+    for row in rows:  # the template's text written out by hand: the template writes the BOS itself
+        text = f"<s><|im_start|>user\n{row['messages'][0]['content']}</s><|im_start|>assistant\n"
+        assert plain[row["id"]] == tok(text, add_special_tokens=False).input_ids
+        assert off[row["id"]] == tok(text + "<think></think>", add_special_tokens=False).input_ids
