@@ -226,8 +226,9 @@ class TrainSection:
     logprob_chunk: int = 1024
     """Response positions per LM-head chunk when the head is recomputed (see keep_logits_mb)."""
     keep_logits_mb: float = 512
-    """A micro-batch's LM-head logits (response positions × vocab × 4 bytes) up to this size stay in memory
-    for backward; larger ones are computed in chunks of logprob_chunk and recomputed in backward."""
+    """A micro-batch's LM-head logits (response positions × vocab × 4 bytes) up to this size are computed at
+    once and one buffer of that size (their softmax) stays for backward; larger ones are computed in chunks
+    of logprob_chunk and recomputed in backward."""
     retain_host_memory: bool = True
     """CPU training on glibc: keep freed memory in the process for reuse instead of handing it back to the
     OS, so large tensors are not page-faulted in anew every step (~10 % faster here; RSS does not shrink)."""
