@@ -198,7 +198,8 @@ class TrainSection:
     micro_batch_pairs: int = 1
     """Pairs per forward on one rank; accumulation = global / (world × micro)."""
     micro_batch_tokens: int = 0
-    """If > 0: balance micro-batches by tokens (≤ this many each); accumulation derived from the data."""
+    """If > 0: balance micro-batches by tokens; accumulation = ⌈heaviest step's tokens / (world × this)⌉.
+    Greedy balancing bounds a micro-batch by this + the longest pair's tokens, not by this alone."""
     lr: float = 5e-7
     """Peak learning rate (AdamW)."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
