@@ -198,8 +198,9 @@ class TrainSection:
     micro_batch_pairs: int = 1
     """Pairs per forward on one rank; accumulation = global / (world × micro)."""
     micro_batch_tokens: int = 0
-    """If > 0: balance micro-batches by tokens; accumulation = ⌈heaviest step's tokens / (world × this)⌉.
-    Greedy balancing bounds a micro-batch by this + the longest pair's tokens, not by this alone."""
+    """If > 0: balance micro-batches by tokens, none over this budget: accumulation starts at ⌈heaviest
+    step's tokens / (world × this)⌉ and grows until every step of every epoch fits. Error if one pair is
+    longer than the budget."""
     lr: float = 5e-7
     """Peak learning rate (AdamW)."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"

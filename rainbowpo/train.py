@@ -210,6 +210,8 @@ def _grad_accum(cfg: Config, dist: ds.DistInfo, lengths: list[int]) -> int:
             dist.world_size,
             cfg.train.micro_batch_tokens,
             cfg.train.seed,
+            cfg.train.epochs,
+            cfg.train.shuffle,
         )
     return cfg.train.grad_accum(dist.world_size)
 

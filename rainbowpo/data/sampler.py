@@ -41,12 +41,16 @@ class StepPlanner:
         full, rest = divmod(n, global_batch_pairs)
         self.steps_per_epoch = full + (1 if rest >= self.bins else 0)
         self.dropped_per_epoch = rest if rest < self.bins else 0
+        self._last_order: tuple[int | None, list[int]] = (None, [])
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        """The epoch's shuffle, kept for the last epoch asked (planning every step reuses it)."""
+        if self._last_order[0] != epoch:
+            order = list(range(len(self.lengths)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._last_order = (epoch, order)
+        return self._last_order[1]
 
     def step_pairs(self, epoch: int, step: int) -> list[int]:
         """Example indices of one optimizer step (the last may be a smaller remainder step)."""
@@ -90,14 +94,61 @@ def _split_even(items: list[int], parts: int) -> list[list[int]]:
 
 
 def token_budget_grad_accum(
-    lengths: list[int], global_batch_pairs: int, world_size: int, budget: int, seed: int
+    lengths: list[int],
+    global_batch_pairs: int,
+    world_size: int,
+    budget: int,
+    seed: int,
+    epochs: int = 1,
+    shuffle: bool = True,
 ) -> int:
-    """Fixed accumulation for token-budget batching: enough micro-batches for the heaviest possible step.
+    """The fewest micro-batches per rank and step for which no micro-batch of any step of any of `epochs`
+    epochs holds more than `budget` tokens (train.micro_batch_tokens), the same on every rank.
 
-    Bounded by the largest `global_batch_pairs` lengths (a remainder step is smaller), so it is the same
-    on every rank and every epoch; capped so that every micro-batch still gets at least one pair.
+    Starts at ⌈heaviest planned step / (world × budget)⌉ and plans every step (the plan is a pure function
+    of seed and epoch) until the longest-first dealing fits; at most global / world (one pair per
+    micro-batch). ValueError when a single pair is longer than the budget: nothing could fit it.
     """
-    del seed  # the bound does not depend on the shuffle
-    heaviest = sum(sorted(lengths, reverse=True)[:global_batch_pairs])
-    accum = math.ceil(heaviest / (world_size * budget))
-    return max(1, min(accum, global_batch_pairs // world_size))
+    longest = max(lengths, default=0)
+    if longest > budget:
+        raise ValueError(
+            f"train.micro_batch_tokens {budget} is below the longest pair ({longest} tokens, prompt + both "
+            f"responses): no micro-batch could hold it; raise the budget to at least {longest} or lower "
+            "data.max_length"
+        )
+    cap = max(1, global_batch_pairs // world_size)
+    if len(lengths) < world_size:
+        return 1  # StepPlanner reports that the data cannot fill the ranks
+    plan = dict(lengths=lengths, global_batch_pairs=global_batch_pairs, world_size=world_size, seed=seed)
+    heaviest = max(_step_tokens(StepPlanner(**plan, grad_accum=1, shuffle=shuffle), epochs))
+    accum = max(1, min(math.ceil(heaviest / (world_size * budget)), cap))
+    while not _fits(
+        StepPlanner(**plan, grad_accum=accum, micro_batch_tokens=budget, shuffle=shuffle), epochs, budget
+    ):
+        if accum == cap or len(lengths) < world_size * (accum + 1):
+            raise ValueError(
+                f"train.micro_batch_tokens {budget}: even {accum} micro-batches per rank leave one over the "
+                "budget; raise the budget or make train.global_batch_pairs a multiple of the world size"
+            )
+        accum += 1
+    return accum
+
+
+def _step_tokens(planner: StepPlanner, epochs: int) -> list[int]:
+    lengths = planner.lengths
+    return [
+        sum(lengths[i] for i in planner.step_pairs(epoch, step))
+        for epoch in range(epochs)
+        for step in range(planner.steps_per_epoch)
+    ]
+
+
+def _fits(planner: StepPlanner, epochs: int, budget: int) -> bool:
+    lengths = planner.lengths
+    return all(
+        sum(lengths[i] for i in micro) <= budget
+        for epoch in range(epochs)
+        for step in range(planner.steps_per_epoch)
+        for rank in planner.step_plan(epoch, step)
+        for micro in rank
+    )

@@ -4,6 +4,7 @@ ZeRO-3 partitioning, reference modes, resume, export. Each launch checks several
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def test_data_parallel_zero3_matches_single_rank_and_split(workspace, tmp_path):
     assert "world size 2" in proc.stdout and "accumulation 2" in proc.stdout and "ZeRO stage 3" in proc.stdout
     assert _shm_allreduce_buffers() <= shm_before, "DeepSpeed's /dev/shm buffers leaked"
     budget = tmp_path / "budget"
-    launch(base_overrides(workspace, budget, **common, **{"train.micro_batch_tokens": 60}), nprocs=2)
+    proc = launch(base_overrides(workspace, budget, **common, **{"train.micro_batch_tokens": 120}), nprocs=2)
+    accum = int(re.search(r"accumulation (\d+)", proc.stdout).group(1))
+    assert accum >= 2, "the token budget should split each rank's share into several micro-batches"
     w_single = final_weights(single)
     assert_same_weights(w_single, final_weights(dp), 1e-5)
     assert_same_weights(w_single, final_weights(budget), 1e-5)

@@ -242,9 +242,41 @@ def test_no_micro_batch_exceeds_micro_batch_pairs(world, micro):
 
 def test_token_budget_bins_are_balanced():
     lengths = [100, 90, 80, 10, 10, 10, 5, 5]
-    accum = token_budget_grad_accum(lengths, 8, 2, 80, seed=0)
-    assert accum == 2  # 310 tokens / (2 ranks × 80) → 2
-    plan = StepPlanner(lengths, 8, 2, accum, seed=0, micro_batch_tokens=80).step_plan(0, 0)
+    accum = token_budget_grad_accum(lengths, 8, 2, 100, seed=0)
+    assert accum == 2  # 310 tokens / (2 ranks × 100) → 2, and longest-first dealing fits
+    plan = StepPlanner(lengths, 8, 2, accum, seed=0, micro_batch_tokens=100).step_plan(0, 0)
     loads = sorted(sum(lengths[i] for i in micro) for rank in plan for micro in rank)
-    assert loads == [80, 90, 100, 40] or max(loads) - min(loads) <= 60
-    assert sum(loads) == 310
+    assert loads == [40, 80, 90, 100]
+
+
+def test_token_budget_adds_micro_batches_until_none_exceeds_it():
+    """[70, 50, 40, 40], budget 100, one rank: 200 tokens / 100 → 2 micro-batches, but longest-first gives
+    70+40 = 110 and 50+40 = 90; with 3: 70, 50, 40+40 = 80 — so 3."""
+    assert token_budget_grad_accum([70, 50, 40, 40], 4, 1, 100, seed=0, shuffle=False) == 3
+    with pytest.raises(ValueError, match=r"micro_batch_tokens 60 is below the longest pair \(70 tokens"):
+        token_budget_grad_accum([70, 50, 40, 40], 4, 1, 60, seed=0)
+
+
+def test_token_budget_starts_from_the_planned_steps_not_the_heaviest_possible():
+    """Steps of 2 pairs, unshuffled. [60, 10], [60, 10]: each step holds 70 ≤ 100 → 1 micro-batch, though
+    the two longest pairs together (120) would not fit one. [10, 10], [60, 60]: the second step → 2."""
+    assert token_budget_grad_accum([60, 10, 60, 10], 2, 1, 100, seed=0, shuffle=False) == 1
+    assert token_budget_grad_accum([10, 10, 60, 60], 2, 1, 100, seed=0, shuffle=False) == 2
+
+
+def test_token_budget_error_when_one_pair_per_rank_still_overflows():
+    """3 pairs of 100 over 2 ranks: at most 1 micro-batch per rank (global // world), so one holds 200."""
+    with pytest.raises(ValueError, match="even 1 micro-batches per rank leave one over the budget"):
+        token_budget_grad_accum([100, 100, 100], 3, 2, 100, seed=0)
+
+
+@pytest.mark.parametrize("n, world, global_pairs", [(19, 1, 8), (37, 2, 8), (64, 2, 16), (101, 3, 12)])
+def test_no_micro_batch_exceeds_the_token_budget(n, world, global_pairs):
+    rng = random.Random(n)
+    lengths = [rng.randint(10, 200) for _ in range(n)]
+    for budget in (200, 260, 450, 1000):
+        accum = token_budget_grad_accum(lengths, global_pairs, world, budget, seed=1, epochs=3)
+        planner = StepPlanner(lengths, global_pairs, world, accum, seed=1, micro_batch_tokens=budget)
+        loads = [sum(lengths[i] for i in micro) for epoch in range(3) for step in range(planner.steps_per_epoch)
+                 for rank in planner.step_plan(epoch, step) for micro in rank]  # fmt: skip
+        assert max(loads) <= budget, (n, world, budget, accum)
