@@ -43,6 +43,9 @@ class LoraSection:
     scanning the model, the LM head excluded)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full next to the adapter (e.g. [lm_head] after adding tokens)."""
+    fused: bool = True
+    """One-buffer LoRA linear (rainbowpo.lora_fused) instead of peft's forward where it applies (dropout 0,
+    no DoRA, not ZeRO-3 partitioned); checked against peft's at start-up. false: peft's forward always."""
 
     def __post_init__(self) -> None:
         _require(self.r >= 0, "model.lora.r", "must be >= 0 (0 = LoRA off)", self.r)

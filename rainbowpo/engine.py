@@ -25,7 +25,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from rainbowpo import lora
+from rainbowpo import lora, lora_fused
 from rainbowpo.config import Config, ConfigError, TrainSection
 from rainbowpo.logprobs import SequenceScorer, router_aux_coef
 
@@ -376,6 +376,8 @@ class PolicyEngine:
         aux_coef = router_aux_coef(model, cfg.train.router_aux_loss_coef)  # MoE only
         if cfg.model.uses_lora():
             model = lora.wrap(model, cfg)
+            if cfg.model.lora.fused:
+                lora_fused.fuse(model)
         scorer = SequenceScorer(model, cfg.train.logprob_chunk, cfg.train.keep_logits_mb, aux_coef)
         t = cfg.train
         optimizer = _adamw((p for p in scorer.parameters() if p.requires_grad), t)  # LoRA: the adapter only

@@ -26,7 +26,7 @@ import torch
 
 from rainbowpo import checkpoint as ckpt
 from rainbowpo import engine as ds
-from rainbowpo import lora
+from rainbowpo import lora, lora_fused
 from rainbowpo.attention import select_attention
 from rainbowpo.config import Config, ConfigError, load_config
 from rainbowpo.data.collate import collate
@@ -409,6 +409,7 @@ def verify_settings(run: Run) -> None:
     batch = make_batch(run.cfg, run.tokenizer, [run.train_set[i] for i in first]).to(run.dist.device)
     run.policy.engine.eval()
     check_head(run.policy.scorer, batch)
+    lora_fused.check(run.policy.scorer.model)
     run.policy.engine.train()
     metrics = evaluate(run, run.train_set, "train", limit=run.dist.world_size)
     if run.dist.is_main:

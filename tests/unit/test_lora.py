@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rainbowpo import lora
+from rainbowpo import lora, lora_fused
 from rainbowpo.config import ConfigError, load_config
 
 BASE = ["model.path=/m", "data.train=p.jsonl"]
@@ -177,3 +177,78 @@ def _tokenizer(folder):
     from rainbowpo.tiny import train_bpe
 
     train_bpe(["alpha beta gamma"] * 20, str(folder), vocab_size=300)
+
+
+# ----------------------------------------------------------------------------- fused LoRA linear
+
+
+def test_lora_linear_matches_the_formula_by_hand():
+    """x = [1, 2], W = I, b = [0.5, 0], A = [1, 1] (r 1), B = [[2], [0]], s = 0.5:
+    y = x + b + 0.5·(x·Aᵀ)·Bᵀ = [1, 2] + [0.5, 0] + 0.5·3·[2, 0] = [4.5, 2].
+    With G = [1, 1]: ∂x = G + 0.5·(G·B)·A = [1, 1] + 0.5·2·[1, 1] = [2, 2]; ∂B = 0.5·Gᵀ·3 = [[1.5], [1.5]];
+    ∂A = 0.5·(G·B)·x = 0.5·2·[1, 2] = [1, 2]."""
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    a = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    b = torch.tensor([[2.0], [0.0]], requires_grad=True)
+    y = lora_fused.LoraLinear.apply(x, torch.eye(2), torch.tensor([0.5, 0.0]), a, b, 0.5)
+    assert y.tolist() == [[4.5, 2.0]]
+    y.sum().backward()
+    assert x.grad.tolist() == [[2.0, 2.0]]
+    assert b.grad.tolist() == [[1.5], [1.5]]
+    assert a.grad.tolist() == [[1.0, 2.0]]
+
+
+def test_fused_model_equals_peft_forward_and_gradients():
+    """A whole tiny Llama: logits and every adapter gradient equal peft's own forward (fp32, 1e-5)."""
+    peft_model = lora.wrap(tiny_llama(), cfg_with("model.lora.r=4"))
+    randomize_adapter(peft_model)
+    fused = copy.deepcopy(peft_model)
+    assert lora_fused.fuse(fused) == 2 * len(LLAMA_LINEARS)
+    fused = copy.deepcopy(fused)  # the copy's layers call their own weights, not the original's
+    layer = fused.base_model.model.model.layers[0].mlp.down_proj
+    assert layer.forward.__self__ is layer and layer._peft_forward.__self__ is layer
+    results = []
+    for model in (peft_model, fused):
+        logits = model(ids()).logits
+        (logits * torch.linspace(0.5, 1.5, logits.shape[-1])).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits, grads))
+    (slow, slow_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert slow_grads.keys() == fast_grads.keys()
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-5, atol=1e-5)
+    with lora.reference_weights(fused):  # adapter off: peft's own path, exactly the base
+        assert torch.equal(fused(ids()).logits, tiny_llama()(ids()).logits)
+
+
+def test_fused_path_is_used_only_for_plain_lora():
+    peft_model = lora.wrap(tiny_llama(), cfg_with("model.lora.r=4", "model.lora.dropout=0.1"))
+    lora_fused.fuse(peft_model)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 3, 16)
+    assert lora_fused._operands(layer, x) is None  # dropout: peft's path
+    plain = lora.wrap(tiny_llama(), cfg_with("model.lora.r=4"))
+    lora_fused.fuse(plain)
+    layer = plain.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_fused._operands(layer, x) is not None
+    assert lora_fused._operands(layer, x.double()) is None  # peft would cast the input
+    with plain.disable_adapter():
+        assert lora_fused._operands(layer, x) is None
+
+
+def test_check_compares_with_peft_and_catches_a_wrong_gradient(monkeypatch):
+    peft_model = lora.wrap(tiny_llama(), cfg_with("model.lora.r=4"))
+    lora_fused.fuse(peft_model)
+    b_before = {n: p.clone() for n, p in peft_model.named_parameters() if ".lora_B." in n}
+    assert lora_fused.check(peft_model) < 1e-5
+    assert all(torch.equal(p, b_before[n]) for n, p in peft_model.named_parameters() if n in b_before)
+    backward = lora_fused.LoraLinear.backward
+
+    def wrong(ctx, grad):
+        grad_x, w, b, grad_a, grad_b, s = backward(ctx, grad)
+        return grad_x, w, b, grad_a, grad_b * 2, s
+
+    monkeypatch.setattr(lora_fused.LoraLinear, "backward", staticmethod(wrong))
+    with pytest.raises(ValueError, match="model.lora.fused: false"):
+        lora_fused.check(peft_model)
