@@ -68,6 +68,13 @@ OURS = {  # name → config overrides on top of common_overrides(); data.share_p
         "model.lora.r": 16,
         "model.lora.alpha": 32,
     },  # fmt: skip
+    "ours-lora-dpo-online-peft": {  # the same with peft's own lora.Linear forward (no rainbowpo.lora_fused)
+        "objective.preset": "dpo",
+        "reference.mode": "online",
+        "model.lora.r": 16,
+        "model.lora.alpha": 32,
+        "model.lora.fused": False,
+    },
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ANCHORS = {
