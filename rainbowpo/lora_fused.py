@@ -96,7 +96,9 @@ def check(peft_model, rtol: float | None = None) -> float:
     if layer is None:
         return 0.0
     base = layer.get_base_layer()
-    x = torch.randn(2, 5, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+    device = base.weight.device
+    rng = torch.Generator(device).manual_seed(0)  # its own generator: training's random stream is untouched
+    x = torch.randn(2, 5, base.in_features, dtype=base.weight.dtype, device=device, generator=rng)
     if _operands(layer, x) is None:
         return 0.0
     if rtol is None:
@@ -106,7 +108,7 @@ def check(peft_model, rtol: float | None = None) -> float:
     saved = lora_b.detach().clone()
     try:
         with torch.no_grad():
-            lora_b.normal_()  # B starts at 0: a random B makes the low-rank term count
+            lora_b.normal_(generator=rng)  # B starts at 0: a random B makes the low-rank term count
         results = [_output_and_grads(run, x, lora_a, lora_b) for run in (layer.forward, layer._peft_forward)]
     finally:
         with torch.no_grad():

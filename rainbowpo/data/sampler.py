@@ -134,21 +134,21 @@ def token_budget_grad_accum(
     return accum
 
 
+def _steps(planner: StepPlanner, epochs: int):
+    """(epoch, step) of every optimizer step of `epochs` epochs, in order."""
+    return ((epoch, step) for epoch in range(epochs) for step in range(planner.steps_per_epoch))
+
+
 def _step_tokens(planner: StepPlanner, epochs: int) -> list[int]:
     lengths = planner.lengths
-    return [
-        sum(lengths[i] for i in planner.step_pairs(epoch, step))
-        for epoch in range(epochs)
-        for step in range(planner.steps_per_epoch)
-    ]
+    return [sum(lengths[i] for i in planner.step_pairs(*at)) for at in _steps(planner, epochs)]
 
 
 def _fits(planner: StepPlanner, epochs: int, budget: int) -> bool:
     lengths = planner.lengths
     return all(
         sum(lengths[i] for i in micro) <= budget
-        for epoch in range(epochs)
-        for step in range(planner.steps_per_epoch)
-        for rank in planner.step_plan(epoch, step)
+        for at in _steps(planner, epochs)
+        for rank in planner.step_plan(*at)
         for micro in rank
     )

@@ -241,7 +241,9 @@ def test_check_compares_with_peft_and_catches_a_wrong_gradient(monkeypatch):
     peft_model = lora.wrap(tiny_llama(), cfg_with("model.lora.r=4"))
     lora_fused.fuse(peft_model)
     b_before = {n: p.clone() for n, p in peft_model.named_parameters() if ".lora_B." in n}
+    rng_before = torch.get_rng_state()
     assert lora_fused.check(peft_model) < 1e-5
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global random stream is not consumed
     assert all(torch.equal(p, b_before[n]) for n, p in peft_model.named_parameters() if n in b_before)
     backward = lora_fused.LoraLinear.backward
 
